@@ -1,0 +1,213 @@
+"""
+LoRaD: Low-rank Rotation of weight Direction (WaDi, CVPR 2026, arXiv 2603.08258), in one file.
+
+    from lorad import add_lorad, merge_lorad, lorad_state_dict, load_lorad
+    names = add_lorad(unet, rank=256, include=("down_blocks", "mid_block", "up_blocks"))
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
+    ...train as usual: only the angles theta_a / theta_b require grad...
+    torch.save(lorad_state_dict(unet), "lorad.pt")     # adapter only, <module>.theta_a/.theta_b
+    merge_lorad(unet)                                   # plain nn.Linear again, stock state-dict keys
+
+A frozen Linear has weight W (out, in). LoRaD rotates every output row of W inside the in/2 planes
+spanned by the input-column pairs (2j, 2j+1), by angles theta = theta_a @ theta_b (out x in/2, rank r):
+
+    W'[:, 2j]   = cos(theta) W[:, 2j] - sin(theta) W[:, 2j+1]
+    W'[:, 2j+1] = sin(theta) W[:, 2j] + cos(theta) W[:, 2j+1]        y = x W'^T + b
+
+Rotations keep each row's norm and change only its direction ("keep the norm, rotate the direction").
+The paper writes W as d x k with d = in_features, so its Theta = AB (d/2 x k) is our theta transposed.
+Needs torch alone.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# the rotation itself
+
+
+def rotate_reference(weight, theta):
+    """Eq. (4)-(5) literally: build each output row's block-diagonal rotation matrix and apply it."""
+    out_features, in_features = weight.shape
+    j = torch.arange(0, in_features, 2, device=weight.device)
+    rows = []
+    for i in range(out_features):
+        c, s = torch.cos(theta[i]), torch.sin(theta[i])
+        R = torch.zeros(in_features, in_features, dtype=weight.dtype, device=weight.device)
+        R[j, j], R[j, j + 1] = c, -s  # (cos -sin)
+        R[j + 1, j], R[j + 1, j + 1] = s, c  # (sin  cos), one 2x2 block per pair
+        rows.append(R @ weight[i])
+    return torch.stack(rows)
+
+
+def rotate(weight, theta):
+    """Eq. (8)/(10), vectorized: a pair (w_2j, w_2j+1) is the complex number w_2j + i w_2j+1, and
+    rotating it by theta is multiplying by e^{i theta}. One complex multiply does every 2x2 block at
+    once, with no strided copies. Computed in fp32 (or fp64 if given): small angles vanish in fp16."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    w = torch.view_as_complex(weight.to(dtype).reshape(*weight.shape[:-1], -1, 2))
+    r = torch.polar(torch.ones_like(theta, dtype=dtype), theta.to(dtype))  # e^{i theta}
+    return torch.view_as_real(w * r).flatten(-2)
+
+
+# -----------------------------------------------------------------------------
+# the memory-light training path
+
+
+class _LoRaDFunction(torch.autograd.Function):
+    """y = x rotate(W, theta_a @ theta_b)^T + b, saving only x and the parameters for backward.
+
+    Plain autograd would keep theta, cos, sin and W' alive (about 8 bytes per weight element); all of
+    them are cheap to recompute from the parameters, so backward recomputes them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, theta_a, theta_b):
+        # under autocast, run the matmul in the autocast dtype, like nn.Linear would
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        x = x.to(dtype)
+        w_rot = rotate(weight, theta_a @ theta_b)  # fp32
+        ctx.save_for_backward(x, weight, theta_a, theta_b)
+        ctx.has_bias = bias is not None
+        return F.linear(x, w_rot.to(dtype), None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, theta_a, theta_b = ctx.saved_tensors
+        theta = theta_a @ theta_b
+        w_rot = rotate(weight, theta)
+        dy = dy.to(x.dtype)
+        dx = dy @ w_rot.to(x.dtype) if ctx.needs_input_grad[0] else None
+        # G = dL/dW' is the weight-gradient GEMM a frozen Linear would skip: LoRaD's one real cost.
+        G = (dy.flatten(0, -2).mT @ x.flatten(0, -2)).to(w_rot.dtype)
+        # d/dtheta of the pair w' = w e^{i theta} is i w', so dL/dtheta = Re(conj(g) i w') = Im(g conj(w'))
+        # = G_odd W'_even - G_even W'_odd (SPEC: dL/dtheta = G_o * W'_e - G_e * W'_o)
+        g = torch.view_as_complex(G.reshape(*G.shape[:-1], -1, 2))
+        w = torch.view_as_complex(w_rot.reshape(*w_rot.shape[:-1], -1, 2))
+        dtheta = (g * w.conj()).imag
+        dw = rotate(G, -theta).to(weight.dtype) if ctx.needs_input_grad[1] else None  # W' = R W
+        db = dy.flatten(0, -2).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, dtheta @ theta_b.T, theta_a.T @ dtheta
+
+
+class LoRaDLinear(nn.Linear):
+    """A frozen nn.Linear plus trainable rotation angles theta_a (out x r) and theta_b (r x in/2).
+
+    It holds the base Linear's own weight and bias Parameters (no copy): models that share a base keep
+    sharing it. Angles are fp32 whatever the base dtype. theta_a = 0, so at init it is the base layer."""
+
+    def __init__(self, base: nn.Linear, rank: int):
+        if base.in_features % 2:
+            raise ValueError(f"LoRaD rotates pairs of input features: in_features={base.in_features} is odd")
+        if rank < 1:
+            raise ValueError(f"LoRaD rank must be >= 1, got {rank}")
+        nn.Module.__init__(self)  # skip nn.Linear.__init__: it would allocate and init a new weight
+        self.in_features, self.out_features, self.rank = base.in_features, base.out_features, rank
+        self.weight, self.bias = base.weight, base.bias
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(False)
+        device = base.weight.device
+        self.theta_a = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=torch.float32))
+        self.theta_b = nn.Parameter(torch.empty(rank, self.in_features // 2, device=device, dtype=torch.float32))
+        nn.init.xavier_uniform_(self.theta_b)
+
+    def forward(self, x):
+        return _LoRaDFunction.apply(x, self.weight, self.bias, self.theta_a, self.theta_b)
+
+    def merged_weight(self):
+        """The rotated weight, computed in fp32 and cast to the base dtype only at the end."""
+        return rotate(self.weight, self.theta_a @ self.theta_b).to(self.weight.dtype)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", rank={self.rank}"
+
+
+# -----------------------------------------------------------------------------
+# whole-model helpers
+
+
+def _lorad_modules(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRaDLinear)]
+
+
+def _set_submodule(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def add_lorad(model, rank, include=("",), exclude=()):
+    """Turn, in place, every nn.Linear whose qualified name contains an `include` substring and no
+    `exclude` substring into a LoRaDLinear; freeze everything else. Returns the converted names.
+    Works on a model built under torch.device("meta") (for counting parameters without weights)."""
+    if _lorad_modules(model):
+        raise ValueError("model already has LoRaD adapters: merge_lorad() it first, or build a fresh copy")
+    names = [name for name, m in model.named_modules()
+             if type(m) is nn.Linear and any(s in name for s in include) and not any(s in name for s in exclude)]
+    for name in names:  # check every layer before changing any: no half-converted model on error
+        if model.get_submodule(name).in_features % 2:
+            raise ValueError(f"LoRaD needs an even in_features: {name} has {model.get_submodule(name).in_features}")
+    model.requires_grad_(False)
+    for name in names:
+        _set_submodule(model, name, LoRaDLinear(model.get_submodule(name), rank))
+    return names
+
+
+@torch.no_grad()
+def merge_lorad(model):
+    """Turn every LoRaDLinear back into a plain nn.Linear holding its rotated weight (merged in fp32).
+    The merged model's state-dict keys are exactly the stock model's. Returns the merged names."""
+    merged = _lorad_modules(model)
+    for name, m in merged:
+        with torch.device("meta"):  # shell only; its weight and bias are replaced below
+            linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        linear.weight = nn.Parameter(m.merged_weight(), requires_grad=False)
+        linear.bias = m.bias
+        _set_submodule(model, name, linear)
+    return [name for name, _ in merged]
+
+
+def lorad_state_dict(model):
+    """Adapter tensors only, keyed <module>.theta_a / <module>.theta_b (as the authors' checkpoints)."""
+    return {f"{name}.{k}": getattr(m, k).detach() for name, m in _lorad_modules(model) for k in ("theta_a", "theta_b")}
+
+
+@torch.no_grad()
+def load_lorad(model, state_dict):
+    """Load adapter tensors into a model that add_lorad() prepared; strict about keys and shapes."""
+    own = lorad_state_dict(model)
+    missing, unexpected = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(f"LoRaD keys do not match: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
+                         f" ({len(missing)}), unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+                         f" ({len(unexpected)}); same include/exclude and model as the checkpoint?")
+    for k, t in own.items():
+        if state_dict[k].shape != t.shape:
+            raise ValueError(f"LoRaD shape mismatch for {k}: checkpoint {tuple(state_dict[k].shape)}, "
+                             f"model {tuple(t.shape)} (different rank?)")
+    for k, t in own.items():
+        t.copy_(state_dict[k])
+
+
+# -----------------------------------------------------------------------------
+# the paper's weight-change analysis (Fig. 1a, Table 2 columns NM / DM)
+
+
+@torch.no_grad()
+def weight_change(w0, w1):
+    """Norm change |(|w1| - |w0|)| / |w0| and direction change 1 - cos(w0, w1), per output row,
+    averaged over rows: a (norm, direction) pair of fractions (x100 for the paper's percent).
+    Given two models instead of two weights, averages over their Linear layers of the same name
+    (merge LoRaD models first)."""
+    if isinstance(w0, nn.Module):
+        l1 = {n: m for n, m in w1.named_modules() if isinstance(m, nn.Linear)}
+        pairs = [weight_change(m.weight, l1[n].weight) for n, m in w0.named_modules()
+                 if isinstance(m, nn.Linear) and n in l1]
+        if not pairs:
+            raise ValueError("weight_change: the two models share no Linear layer names")
+        return tuple(sum(v) / len(pairs) for v in zip(*pairs))
+    w0, w1 = w0.double().flatten(1), w1.double().flatten(1)
+    n0, n1 = w0.norm(dim=1), w1.norm(dim=1)
+    norm = ((n1 - n0).abs() / n0).mean().item()
+    direction = (1 - F.cosine_similarity(w0, w1, dim=1)).mean().item()
+    return norm, direction

@@ -1,0 +1,317 @@
+"""Tests for lorad.py: the fast path against the paper's equations, plain autograd and the paper's tables.
+
+    python -m pytest -q test_lorad.py      # the tests
+    python test_lorad.py                   # prints the README's parameter-count table
+"""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lorad import (LoRaDLinear, add_lorad, load_lorad, lorad_state_dict, merge_lorad, rotate,
+                   rotate_reference, weight_change)
+
+SHAPES = [(1, 2), (3, 4), (7, 10), (16, 32), (33, 64)]  # (out, in)
+STUDENT = dict(include=("down_blocks", "mid_block", "up_blocks"))  # SPEC §2
+FAKE = dict(include=STUDENT["include"], exclude=("proj_in", "proj_out", "time_emb_proj"))
+
+# UNet architectures of SD1.5 and SD2.1 (their unet/config.json, non-default fields only)
+SD15 = dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768, attention_head_dim=8)
+SD21 = dict(SD15, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+            use_linear_projection=True)
+
+
+def rotate_one_block_at_a_time(weight, theta):
+    """Eq. (3) applied pair by pair, with Python floats: the slowest, most literal reading."""
+    out = weight.clone()
+    for i in range(weight.shape[0]):
+        for j in range(weight.shape[1] // 2):
+            a, b, t = weight[i, 2 * j].item(), weight[i, 2 * j + 1].item(), theta[i, j].item()
+            out[i, 2 * j], out[i, 2 * j + 1] = math.cos(t) * a - math.sin(t) * b, math.sin(t) * a + math.cos(t) * b
+    return out
+
+
+def lorad_layer(out_f, in_f, rank, dtype=torch.float32, seed=0, scale=0.3):
+    """A LoRaD layer with non-zero angles (at init theta_a = 0 and every gradient but theta_a's is 0)."""
+    torch.manual_seed(seed)
+    m = LoRaDLinear(nn.Linear(in_f, out_f, dtype=dtype), rank)
+    nn.init.normal_(m.theta_a, std=scale)
+    return m
+
+
+def plain_autograd(m, x):
+    """The same layer through plain autograd (keeps theta, cos, sin, W' alive): the reference."""
+    w = rotate(m.weight, m.theta_a @ m.theta_b).to(x.dtype)
+    return F.linear(x, w, m.bias)
+
+
+def grads(m, x, fn):
+    x = x.detach().requires_grad_(True)
+    for p in m.parameters():
+        p.grad = None
+    y = fn(m, x)
+    torch.manual_seed(1)
+    y.backward(torch.randn_like(y))
+    return y.detach(), m.theta_a.grad, m.theta_b.grad, x.grad
+
+
+def sd_unet(config):
+    from diffusers import UNet2DConditionModel
+    with torch.device("meta"):  # architecture only, no weights, no memory
+        return UNet2DConditionModel(**config)
+
+
+def trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# -----------------------------------------------------------------------------
+# the rotation
+
+
+@pytest.mark.parametrize("out_f,in_f", SHAPES)
+def test_reference_equals_fast_path_float64(out_f, in_f):
+    torch.manual_seed(out_f)
+    w, theta = torch.randn(out_f, in_f, dtype=torch.float64), 3 * torch.randn(out_f, in_f // 2, dtype=torch.float64)
+    expected = rotate_one_block_at_a_time(w, theta)
+    assert (rotate_reference(w, theta) - expected).abs().max() <= 1e-12
+    assert (rotate(w, theta) - expected).abs().max() <= 1e-12
+
+
+def test_worked_example():
+    # one row, one pair: (1, 0) rotated by 90 degrees is (0, 1); (3, 4) by 180 degrees is (-3, -4)
+    w = torch.tensor([[1.0, 0.0, 3.0, 4.0]], dtype=torch.float64)
+    theta = torch.tensor([[math.pi / 2, math.pi]], dtype=torch.float64)
+    assert torch.allclose(rotate(w, theta), torch.tensor([[0.0, 1.0, -3.0, -4.0]], dtype=torch.float64), atol=1e-15)
+
+
+@pytest.mark.parametrize("out_f,in_f", SHAPES)
+def test_row_norms_kept_and_inverse_rotation_restores(out_f, in_f):
+    torch.manual_seed(0)
+    w, theta = torch.randn(out_f, in_f, dtype=torch.float64), torch.randn(out_f, in_f // 2, dtype=torch.float64)
+    w_rot = rotate(w, theta)
+    assert torch.allclose(w_rot.norm(dim=1), w.norm(dim=1), rtol=1e-13)
+    assert torch.allclose(rotate(w_rot, -theta), w, atol=1e-13)
+    norm, direction = weight_change(w, w_rot)
+    assert norm < 1e-14 and direction > 1e-3  # the paper's NM = 0, DM > 0 for LoRaD
+
+
+def test_weight_change_closed_form():
+    # row 0 scaled by 2 (norm +100%, direction unchanged); row 1 rotated by 60 degrees (1 - cos = 0.5)
+    w0 = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    w1 = torch.tensor([[2.0, 0.0], [0.5, math.sqrt(3) / 2]])
+    norm, direction = weight_change(w0, w1)
+    assert norm == pytest.approx(0.5) and direction == pytest.approx(0.25)
+
+
+# -----------------------------------------------------------------------------
+# the layer
+
+
+def test_identity_at_init_and_fp32_angles():
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48)
+    m = LoRaDLinear(base, rank=8)
+    x = torch.randn(5, 64)
+    assert torch.equal(m(x), base(x))
+    assert m.theta_a.shape == (48, 8) and m.theta_b.shape == (8, 32)
+    assert not m.theta_a.any() and m.theta_b.abs().max() > 0
+    assert m.weight is base.weight  # the base Parameter itself, not a copy
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == ["theta_a", "theta_b"]
+
+
+@pytest.mark.parametrize("out_f,in_f,rank,bias", [(6, 8, 3, True), (32, 64, 16, False), (40, 20, 64, True)])
+def test_custom_function_equals_plain_autograd(out_f, in_f, rank, bias):
+    m = lorad_layer(out_f, in_f, rank)
+    if not bias:
+        m.bias = None
+    x = torch.randn(2, 7, in_f)
+    for a, b in zip(grads(m, x, lambda m, x: m(x)), grads(m, x, plain_autograd)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_float64_gradcheck():
+    m = lorad_layer(4, 6, 2).double()
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    from lorad import _LoRaDFunction
+    w = m.weight.detach().requires_grad_(True)  # also checks dL/dW (rotation by -theta) and dL/db
+    b = m.bias.detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(_LoRaDFunction.apply, (x, w, b, m.theta_a, m.theta_b))
+
+
+def test_saves_only_input_and_parameters():
+    m = lorad_layer(64, 128, 8)
+    x = torch.randn(10, 128, requires_grad=True)
+    params = {p.data_ptr() for p in m.parameters()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        m(x)
+    extra = [t for t in saved if t.data_ptr() not in params]
+    assert len(extra) == 1 and extra[0].data_ptr() == x.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_base_dtypes(dtype):
+    m = lorad_layer(32, 64, 8, dtype=dtype, scale=1e-2)
+    assert m.theta_a.dtype == m.theta_b.dtype == torch.float32
+    x = torch.randn(4, 64, dtype=dtype)
+    y = m(x)
+    assert y.dtype == dtype
+    # the rotation is done in fp32 and rounded once: W' is the fp32 rotation cast to the base dtype
+    w32 = rotate(m.weight.float(), m.theta_a @ m.theta_b)
+    torch.testing.assert_close(m.merged_weight(), w32.to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(y.float(), F.linear(x.float(), w32, m.bias.float()), rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert m.theta_a.grad.dtype == torch.float32 and m.theta_a.grad.abs().max() > 0
+    assert m.weight.grad is None
+
+
+def test_autocast_bf16_matches_plain_autograd():
+    m = lorad_layer(32, 64, 8)
+    x = torch.randn(4, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, ref = grads(m, x, lambda m, x: m(x)), grads(m, x, plain_autograd)
+    assert fast[0].dtype == torch.bfloat16
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_gradient_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    add_lorad(model, rank=4)
+    for m in model.modules():
+        if isinstance(m, LoRaDLinear):
+            nn.init.normal_(m.theta_a, std=0.3)
+    x = torch.randn(5, 16)
+    model(x).square().sum().backward()
+    expected = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    checkpoint(model, x, use_reentrant=False).square().sum().backward()
+    for a, b in zip(expected, [p.grad for p in model.parameters() if p.requires_grad]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_odd_input_dim_is_a_clear_error():
+    with pytest.raises(ValueError, match="odd"):
+        LoRaDLinear(nn.Linear(7, 4), 2)
+    model = nn.Sequential(nn.Linear(8, 5), nn.Linear(5, 4))
+    with pytest.raises(ValueError, match=r"^LoRaD needs an even in_features: 1 has 5"):
+        add_lorad(model, 2)
+    assert all(type(m) is nn.Linear for m in model)  # nothing half-converted
+
+
+# -----------------------------------------------------------------------------
+# whole models
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return nn.ModuleDict(dict(
+        down_blocks=nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)),
+        proj_in=nn.Linear(8, 8),
+        conv=nn.Conv1d(8, 8, 1),
+        up_blocks=nn.ModuleDict(dict(proj_out=nn.Linear(8, 8, bias=False))),
+    ))
+
+
+def test_add_lorad_selects_freezes_and_refuses_to_stack():
+    model = tiny_model()
+    names = add_lorad(model, 2, include=("down_blocks", "up_blocks"), exclude=("proj_out",))
+    assert names == ["down_blocks.0", "down_blocks.2"]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "down_blocks.0.theta_a", "down_blocks.0.theta_b", "down_blocks.2.theta_a", "down_blocks.2.theta_b"}
+    assert trainable(model) == 2 * (16 + 4) + 2 * (8 + 8)  # r * (out + in/2) per layer
+    with pytest.raises(ValueError, match="already has LoRaD"):
+        add_lorad(model, 2)
+
+
+def test_merge_gives_stock_linear_with_same_outputs():
+    model = tiny_model()
+    stock_keys = list(model.state_dict().keys())
+    add_lorad(model, 3)
+    for m in model.modules():
+        if isinstance(m, LoRaDLinear):
+            nn.init.normal_(m.theta_a, std=0.5)
+    x = torch.randn(4, 8)
+    before = model["up_blocks"]["proj_out"](model["proj_in"](model["down_blocks"](x)))
+    assert len(merge_lorad(model)) == 4
+    assert list(model.state_dict().keys()) == stock_keys
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    after = model["up_blocks"]["proj_out"](model["proj_in"](model["down_blocks"](x)))
+    torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-6)
+
+
+def test_merge_bf16_is_done_in_fp32():
+    m = lorad_layer(64, 128, 8, dtype=torch.bfloat16, scale=1e-3)
+    model = nn.Sequential(m)
+    w32 = rotate(m.weight.float(), m.theta_a @ m.theta_b)
+    merge_lorad(model)
+    assert model[0].weight.dtype == torch.bfloat16
+    assert torch.equal(model[0].weight, w32.to(torch.bfloat16))
+
+
+def test_state_dict_round_trip_and_strict_load():
+    model = tiny_model()
+    add_lorad(model, 2)
+    for m in model.modules():
+        if isinstance(m, LoRaDLinear):
+            nn.init.normal_(m.theta_a)
+    sd = lorad_state_dict(model)
+    assert sorted(sd) == sorted(f"{n}.{k}" for n in ["down_blocks.0", "down_blocks.2", "proj_in", "up_blocks.proj_out"]
+                                for k in ("theta_a", "theta_b"))
+    assert set(sd) <= set(model.state_dict())  # same names as the model's own state dict
+    other = tiny_model()
+    add_lorad(other, 2)
+    load_lorad(other, {k: v.clone() for k, v in sd.items()})
+    x = torch.randn(3, 8)
+    assert torch.equal(other["down_blocks"](x), model["down_blocks"](x))
+    with pytest.raises(ValueError, match="missing"):
+        load_lorad(other, {k: v for k, v in sd.items() if "proj_in" not in k})
+    with pytest.raises(ValueError, match="unexpected"):
+        load_lorad(other, {**sd, "extra.theta_a": torch.zeros(1)})
+    third = tiny_model()
+    add_lorad(third, 4)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_lorad(third, sd)
+
+
+# -----------------------------------------------------------------------------
+# the paper's parameter counts (Table 1, Table 3), on the real architectures, without weights
+
+COUNTS = [  # (architecture, adapter, rank, layers, trainable, as printed in the paper's Table 1 / 3)
+    ("SD1.5", "student", 64, 182, 20_948_992, "20.95M"),
+    ("SD1.5", "student", 128, 182, 41_897_984, "41.90M"),
+    ("SD1.5", "student", 256, 182, 83_795_968, "83.80M"),
+    ("SD1.5", "student", 512, 182, 167_591_936, "167.59M"),
+    ("SD1.5", "fake", 16, 160, 4_689_408, "4.69M"),
+    ("SD1.5", "fake", 32, 160, 9_378_816, "9.38M"),
+    ("SD1.5", "fake", 64, 160, 18_757_632, "18.76M"),
+    ("SD2.1", "student", 256, 214, 94_429_184, "94.43M"),
+]
+
+
+@pytest.mark.parametrize("arch,adapter,rank,layers,expected,paper", COUNTS)
+def test_paper_parameter_counts(arch, adapter, rank, layers, expected, paper):
+    unet = sd_unet(SD15 if arch == "SD1.5" else SD21)
+    names = add_lorad(unet, rank, **(STUDENT if adapter == "student" else FAKE))
+    assert len(names) == layers
+    assert trainable(unet) == expected
+    assert f"{expected / 1e6:.2f}M" == paper
+
+
+if __name__ == "__main__":
+    print("| model | adapter | targets | rank | layers | trainable |")
+    print("|---|---|---|---|---|---|")
+    for arch, adapter, rank, *_ in COUNTS:
+        unet = sd_unet(SD15 if arch == "SD1.5" else SD21)
+        spec = STUDENT if adapter == "student" else FAKE
+        names = add_lorad(unet, rank, **spec)
+        targets = "/".join(spec["include"]) + ("" if adapter == "student" else " minus " + "/".join(spec["exclude"]))
+        print(f"| {arch} | {adapter} | {targets} | {rank} | {len(names)} | {trainable(unet) / 1e6:.2f}M |")
