@@ -417,7 +417,9 @@ def export(run):
 # setup: distributed, data, models, optimizers
 
 
-def setup(args):
+def setup(args, parts=None):
+    """Everything a run needs, in a namespace. `parts` (tokenizer, text_encoder, vae, unet, scheduler) replaces
+    loading them from args.pretrained_model_name_or_path: bench.py passes models built in memory."""
     run = argparse.Namespace(args=args, skipped=0)
     run.prompts = read_prompts(args.prompts)
     # distributed: one code path for one or many processes; rank 0 alone logs, validates and saves
@@ -445,8 +447,9 @@ def setup(args):
     else:
         run.resume = None
     # models: the frozen parts in the training dtype; teacher, fake and student share one base UNet
-    run.model_path = resolve_model(args.pretrained_model_name_or_path)
-    run.tokenizer, run.text_encoder, run.vae, unet, run.scheduler = load_pipeline_parts(run.model_path, run.device, dtype)
+    run.model_path = resolve_model(args.pretrained_model_name_or_path) if parts is None else None
+    parts = parts or load_pipeline_parts(run.model_path, run.device, dtype)
+    run.tokenizer, run.text_encoder, run.vae, unet, run.scheduler = parts
     run.abar = run.scheduler.alphas_cumprod.to(run.device, torch.float32)
     scale = 2 ** (len(run.vae.config.block_out_channels) - 1)
     res = args.resolution or unet.config.sample_size * scale
