@@ -28,6 +28,7 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -47,8 +48,13 @@ class UserError(Exception):
     """Bad input: reported as one line on stderr and a non-zero exit, never a traceback."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print its usage too: keep bad input to one line
+        raise UserError(message)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="WaDi: one-step distillation of Stable Diffusion by VSD with LoRaD")
+    p = ArgumentParser(description="WaDi: one-step distillation of Stable Diffusion by VSD with LoRaD")
     # model and data
     p.add_argument("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                    help="hub id or local diffusers folder; 'tiny' builds a tiny SD-shaped model offline")
@@ -80,6 +86,9 @@ def parse_args(argv=None):
     for name in ("train_batch_size", "student_rank", "fake_rank", "fake_updates", "checkpointing_steps",
                  "validation_steps"):
         if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_train_steps", "checkpoints_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UserError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
@@ -161,14 +170,14 @@ def load_pipeline_parts(path, device, dtype):
     from transformers import CLIPTextModel, CLIPTokenizer
     if os.path.exists(path) and not os.path.isfile(os.path.join(path, "unet", "config.json")):
         raise UserError(f"{path} is not a diffusers Stable Diffusion folder (no unet/config.json)")
-    try:
+    try:  # the scheduler first: an unknown hub id fails on its one small file
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")  # only for its alphas_cumprod
         kw = dict(low_cpu_mem_usage=False)  # no accelerate needed
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw)
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")  # only for its alphas_cumprod
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         raise UserError(f"cannot load model '{path}': {str(e).strip().splitlines()[0]}")
     if scheduler.config.prediction_type != "epsilon":
         raise UserError(f"'{path}' predicts {scheduler.config.prediction_type!r}; WaDi needs an epsilon-prediction UNet")
@@ -343,8 +352,8 @@ def load_checkpoint(run, path):
         state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
         run.opt_s.load_state_dict(state["opt_s"])
         run.opt_f.load_state_dict(state["opt_f"])
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot resume from {path}: {str(e).splitlines()[0]}")
+    except Exception as e:  # missing or corrupt files, other ranks or layers: all mean "not this checkpoint"
+        raise UserError(f"cannot resume from {path}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
     run.scaler_s.load_state_dict(state["scaler_s"])
     run.scaler_f.load_state_dict(state["scaler_f"])
     torch.set_rng_state(state["rng"])
@@ -455,6 +464,7 @@ def setup(args, parts=None):
     res = args.resolution or unet.config.sample_size * scale
     run.latent_shape = (unet.config.in_channels, res // scale, res // scale)
     run.teacher = unet
+    torch.manual_seed(args.seed)  # theta_b's random init: the same on every rank (nothing broadcasts it)
     run.student = share_base(unet, args.student_rank, STUDENT_LAYERS).train()
     run.fake = share_base(unet, args.fake_rank, FAKE_LAYERS).train()
     run.ema = share_base(unet, args.student_rank, STUDENT_LAYERS).requires_grad_(False) if args.ema_decay else None
@@ -493,7 +503,13 @@ def main(argv=None):
     master, out = run.rank == 0, args.output_dir
     if master:
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-        log = open(os.path.join(out, "log.jsonl"), "a")
+        log_path = os.path.join(out, "log.jsonl")
+        if os.path.exists(log_path):  # steps after the checkpoint we resume from are redone: drop their lines
+            with open(log_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= start]
+            with open(log_path, "w") as f:
+                f.writelines(kept)
+        log = open(log_path, "a")
         n_s, n_f = sum(p.numel() for p in run.student_params), sum(p.numel() for p in run.fake_params)
         print(f"wadi: {run.model_path} | {len(run.prompts)} prompts | student {n_s / 1e6:.2f}M, fake {n_f / 1e6:.2f}M "
               f"trainable | global batch {args.train_batch_size * run.world} on {run.world} x {run.device.type} | "
@@ -519,7 +535,7 @@ def main(argv=None):
                        f"gnorm {logs['grad_norm_student']:.3g}/{logs['grad_norm_fake']:.3g} | lr {args.learning_rate:g}/"
                        f"{args.fake_learning_rate:g} | {dt:.2f} s/step | {logs['img_per_sec']:.1f} img/s | "
                        f"mem {logs['peak_mem_gb']:.2f} GB | skipped {run.skipped}")
-            log.write(json.dumps(logs) + "\n")
+            log.write(json.dumps({k: v if math.isfinite(v) else None for k, v in logs.items()}) + "\n")  # NaN -> null
             log.flush()
             if (step + 1) % args.checkpointing_steps == 0:
                 save_checkpoint(run, step + 1)
@@ -539,6 +555,9 @@ def main(argv=None):
 if __name__ == "__main__":
     import diffusers
     import transformers
+    from huggingface_hub.utils import logging as hub_logging
+    hub_logging.set_verbosity_error()  # its retry notices while a hub id fails to resolve
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")  # diffusers 0.42 vs huggingface_hub 2
     for lib in (diffusers, transformers):  # their loading bars and notices would drown the training log
         lib.utils.logging.set_verbosity_error()
         lib.utils.logging.disable_progress_bar()

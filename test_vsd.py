@@ -1,0 +1,577 @@
+"""Tests for wadi.py: the VSD step against its closed forms, the shared base, and the CLI end to end.
+
+    python -m pytest -q test_vsd.py       # CPU only, no network, about a minute on 2 cores
+
+Everything runs on the tiny SD-shaped pipeline that wadi.py builds for `--pretrained_model_name_or_path tiny`,
+built once per session into a temporary WADI_CACHE. In-process tests call wadi's functions directly; the CLI
+tests run `python wadi.py` (and torchrun) in a few shared subprocess runs of 2-4 steps.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import wadi
+from lorad import LoRaDLinear, add_lorad, load_lorad, lorad_state_dict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WADI = os.path.join(HERE, "wadi.py")
+PROMPTS = os.path.join(HERE, "prompts.txt")
+TIMEOUT = 300  # seconds per subprocess: a hung run (e.g. a gloo rendezvous) fails instead of blocking
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny(tmp_path_factory):
+    """Build the tiny pipeline once, into a fresh cache that every test and subprocess shares. One thread: the
+    tiny models are far too small to gain from a second one, and on 2 busy cores it only adds stalls."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WADI_CACHE", str(tmp_path_factory.mktemp("wadi-cache")))
+        mp.setenv("OMP_NUM_THREADS", "1")  # for the subprocesses
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield wadi.resolve_model("tiny")
+        torch.set_num_threads(threads)
+
+
+def abar_closed_form():
+    """SD1.5's training schedule from its definition: scaled_linear betas, 1000 steps, in fp64."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+def make_run(tmp_path, *extra):
+    """An in-process run on the tiny model, at 32 px (4x4 latents) to keep the steps cheap."""
+    argv = ["--pretrained_model_name_or_path", "tiny", "--prompts", PROMPTS, "--output_dir", str(tmp_path / "out"),
+            "--train_batch_size", "2", "--resolution", "32", *extra]
+    return wadi.setup(wadi.parse_args(argv))
+
+
+def clone(tensors):
+    return {k: v.detach().clone() for k, v in tensors.items()}
+
+
+def frozen_tensors(run):
+    """Every tensor that must never change: the teacher's parameters and buffers, the base weights as the
+    student and fake models see them (everything but their angles), the VAE and the text encoder."""
+    out = {}
+    for prefix, model in [("teacher", run.teacher), ("student", run.student), ("fake", run.fake),
+                          ("vae", run.vae), ("text_encoder", run.text_encoder)]:
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if not name.endswith((".theta_a", ".theta_b")):
+                out[f"{prefix}.{name}"] = t
+    return out
+
+
+def set_fake_angles(run, std=0.05, seed=0):
+    """Give the fake model non-zero angles, so that eps_fake != eps_real."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in run.fake.modules():
+            if isinstance(m, LoRaDLinear):
+                m.theta_a.copy_(torch.randn(m.theta_a.shape, generator=g) * std)
+
+
+# -----------------------------------------------------------------------------
+# the schedule, the generator and the data draw
+
+
+def test_schedule_is_sd15_closed_form(tmp_path):
+    run = make_run(tmp_path)
+    torch.testing.assert_close(run.abar.double(), abar_closed_form(), rtol=1e-5, atol=0)  # fp32 cumprod rounding
+    assert run.abar[999].item() == pytest.approx(0.00466, abs=5e-6)  # SPEC: 0.00466, not the authors' 0.0047
+    assert run.scheduler.config.prediction_type == "epsilon"
+
+
+def test_one_step_inverts_forward_diffusion_at_t999(tmp_path):
+    """x0 = (z - sqrt(1-a) eps) / sqrt(a): re-noising x0 with the same eps at t=999 gives z back."""
+    run = make_run(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in run.student.modules():  # a student that differs from the teacher
+            if isinstance(m, LoRaDLinear):
+                m.theta_a.copy_(torch.randn(m.theta_a.shape, generator=g) * 0.05)
+        z = torch.randn(2, *run.latent_shape, generator=g)
+        emb = wadi.encode(run, ["a red fox", "a blue car"])
+        x0 = wadi.one_step(run.student, z, emb, run.abar)
+        eps = run.student(z, torch.full((2,), 999), emb).sample
+        a = abar_closed_form()[999].float()
+        torch.testing.assert_close(x0, (z - (1 - a).sqrt() * eps) / a.sqrt(), rtol=1e-5, atol=1e-5 * x0.abs().max())
+        torch.testing.assert_close(a.sqrt() * x0 + (1 - a).sqrt() * eps, z, rtol=0, atol=1e-5)
+
+
+def test_draw_slices_one_global_batch():
+    """N ranks x batch b draw exactly what one process draws with batch N*b, ranks get distinct noise, and every
+    epoch visits each prompt once."""
+    def fake_run(world, rank, b):
+        args = argparse.Namespace(seed=3, train_batch_size=b, fake_updates=2)
+        return argparse.Namespace(args=args, world=world, rank=rank, latent_shape=(4, 2, 2),
+                                  prompts=[f"p{i}" for i in range(7)], device=torch.device("cpu"))
+    for step in range(5):  # global batch 4 over 7 prompts: steps straddle epoch boundaries
+        one = wadi.draw(fake_run(1, 0, 4), step)
+        ranks = [wadi.draw(fake_run(2, r, 2), step) for r in range(2)]
+        for key, v in one.items():
+            dim = 1 if key in ("t_fake", "noise_fake", "drop") else 0
+            assert torch.equal(torch.cat([r[key] for r in ranks], dim), v), key
+        assert not torch.equal(ranks[0]["z"], ranks[1]["z"])
+        assert ranks[0]["t"].min() >= 20 and ranks[0]["t"].max() <= 980
+    seen = torch.cat([wadi.draw(fake_run(1, 0, 7), s)["prompt"] for s in range(3)])  # 3 epochs of 7
+    for e in range(3):
+        assert sorted(seen[7 * e:7 * (e + 1)].tolist()) == list(range(7))
+    assert not torch.equal(seen[:7], seen[7:14])  # a fresh permutation per epoch
+
+
+def test_adapter_init_depends_on_seed_only(tmp_path):
+    """All ranks must start from the same angles (nothing broadcasts them), whatever the process did before."""
+    torch.manual_seed(123)
+    a = lorad_state_dict(make_run(tmp_path).student)
+    torch.rand(1000)  # consume global randomness, as building the tiny pipeline in this process would
+    b = lorad_state_dict(make_run(tmp_path).student)
+    c = lorad_state_dict(make_run(tmp_path, "--seed", "1").student)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a if k.endswith("theta_b"))
+
+
+# -----------------------------------------------------------------------------
+# the VSD step (issue items 1-4)
+
+
+def test_vsd_gradient_is_weighted_score_difference(tmp_path):
+    """d loss_vsd / d x0 = (1 - abar_t)(eps_real - eps_fake) / numel, with both scores guided by CFG (eq. 11)."""
+    run = make_run(tmp_path)
+    set_fake_angles(run)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, *run.latent_shape, generator=g).requires_grad_()
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([50, 900])
+    cond = wadi.encode(run, ["a red fox", "a blue car"])
+    uncond = run.null_emb.expand_as(cond)
+    loss = wadi.vsd_loss(run, x0, cond, uncond, t, noise)
+    loss.backward()
+    # independently: separate cond/uncond UNet calls, CFG by hand, the closed-form schedule
+    a = abar_closed_form()[t].float().view(-1, 1, 1, 1)
+    s = run.args.guidance_scale
+    assert s == 1.5
+    with torch.no_grad():
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+        def guided(unet):
+            eps_c, eps_u = unet(x_t, t, cond).sample, unet(x_t, t, uncond).sample
+            return eps_u + s * (eps_c - eps_u)
+        diff = guided(run.teacher) - guided(run.fake)
+    expected = (1 - a) * diff / x0.numel()
+    assert diff.abs().max() > 1e-3  # the fake model really differs from the teacher
+    # batched vs separate UNet calls and fp32 vs fp64 abar differ by rounding only (~1e-6 relative)
+    torch.testing.assert_close(x0.grad, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    # the surrogate's value: 0.5 * mean(grad^2)
+    assert loss.item() == pytest.approx(0.5 * ((1 - a) * diff).pow(2).mean().item(), rel=1e-4)
+
+
+def test_train_step_changes_only_adapters(tmp_path):
+    """Step 1: the fake model equals the teacher (theta_a = 0 is an exact identity rotation), so eps_real ==
+    eps_fake bitwise, the VSD gradient is exactly 0 and AdamW (no weight decay) leaves the student unchanged,
+    while the fake model learns (its theta_a; theta_b's gradient theta_a^T dL/dtheta is still 0). Step 2: the
+    fake model now differs, so the student's theta_a moves. Nothing frozen moves, bitwise, in either step."""
+    run = make_run(tmp_path)
+    frozen = frozen_tensors(run)
+    frozen_before = clone(frozen)
+    s0, f0 = clone(lorad_state_dict(run.student)), clone(lorad_state_dict(run.fake))
+
+    logs = wadi.train_step(run, 0)
+    assert logs["loss_vsd"] == 0 and logs["grad_norm_student"] == 0
+    s1, f1 = clone(lorad_state_dict(run.student)), clone(lorad_state_dict(run.fake))
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+    for k in f0:
+        assert torch.equal(f0[k], f1[k]) != k.endswith(".theta_a"), k  # every theta_a moved, no theta_b did
+
+    logs = wadi.train_step(run, 1)
+    assert logs["loss_vsd"] > 0 and logs["grad_norm_student"] > 0
+    s2 = lorad_state_dict(run.student)
+    for k in s0:
+        assert torch.equal(s1[k], s2[k]) != k.endswith(".theta_a"), k
+
+    for k, t in frozen.items():
+        assert torch.equal(t, frozen_before[k]), k
+    for model in (run.teacher, run.vae, run.text_encoder):
+        assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_one_copy_of_base_weights(tmp_path):
+    run = make_run(tmp_path)
+    storages = {}
+    for model in (run.teacher, run.student, run.fake):
+        for p in model.parameters():
+            storages[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+    nbytes = lambda params: sum(p.numel() * p.element_size() for p in params)
+    teacher, adapters = nbytes(run.teacher.parameters()), nbytes(run.student_params + run.fake_params)
+    assert sum(storages.values()) == teacher + adapters
+    # and the adapters are the only trainable tensors: the base weights are the teacher's own Parameters
+    teacher_ids = {id(p) for p in run.teacher.parameters()}
+    for model in (run.student, run.fake):
+        for name, p in model.named_parameters():
+            assert (id(p) in teacher_ids) != name.endswith((".theta_a", ".theta_b")), name
+    assert {id(p) for p in run.student_params + run.fake_params} == \
+           {id(p) for m in (run.student, run.fake) for n, p in m.named_parameters() if "theta" in n}
+
+
+def test_fake_loss_falls_on_a_fixed_batch(tmp_path):
+    run = make_run(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    cond = wadi.encode(run, ["a red fox", "a blue car"])
+    with torch.no_grad():
+        x0 = wadi.one_step(run.student, torch.randn(2, *run.latent_shape, generator=g), cond, run.abar)
+    t, noise = torch.tensor([100, 400]), torch.randn(x0.shape, generator=g)
+    # eq. 12 with the abar_t weighting, by hand, on the untrained fake model (= the teacher)
+    a = abar_closed_form()[t].float().view(-1, 1, 1, 1)
+    with torch.no_grad():
+        eps = run.teacher(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond).sample
+    losses = [wadi.fake_loss(run, x0, cond, t, noise)]
+    assert losses[0].item() == pytest.approx((a * (eps - noise) ** 2).mean().item(), rel=1e-4)
+    for _ in range(50):  # Adam at the fake lr 1e-2: the loss halves after ~40 steps on this batch
+        wadi.update(losses[-1], run.fake_params, run.opt_f, run.scaler_f, 1)
+        losses.append(wadi.fake_loss(run, x0, cond, t, noise))
+    assert losses[-1].item() < 0.5 * losses[0].item(), [round(x.item(), 4) for x in losses]
+
+
+# -----------------------------------------------------------------------------
+# non-finite losses (issue item 9)
+
+
+def nan_student(monkeypatch, first_bad_step):
+    """From `first_bad_step` on, the student's one-step sample is NaN (as a diverged generator's would be)."""
+    current, one_step, train_step = {}, wadi.one_step, wadi.train_step
+
+    def patched_train_step(run, step):
+        current["step"] = step
+        return train_step(run, step)
+
+    def patched_one_step(*args):
+        x0 = one_step(*args)
+        return x0 * float("nan") if current.get("step", -1) >= first_bad_step else x0
+    monkeypatch.setattr(wadi, "train_step", patched_train_step)
+    monkeypatch.setattr(wadi, "one_step", patched_one_step)
+
+
+def test_nan_step_is_skipped(tmp_path, monkeypatch):
+    run = make_run(tmp_path)
+    wadi.train_step(run, 0)
+    wadi.train_step(run, 1)  # now both optimizers hold state
+    before = clone({**{f"s.{k}": v for k, v in lorad_state_dict(run.student).items()},
+                    **{f"f.{k}": v for k, v in lorad_state_dict(run.fake).items()}})
+    opt_before = [clone(st) for o in (run.opt_s, run.opt_f) for st in o.state.values()]
+    nan_student(monkeypatch, first_bad_step=2)
+    logs = wadi.train_step(run, 2)
+    assert not math.isfinite(logs["grad_norm_student"]) and not math.isfinite(logs["grad_norm_fake"])
+    after = {**{f"s.{k}": v for k, v in lorad_state_dict(run.student).items()},
+             **{f"f.{k}": v for k, v in lorad_state_dict(run.fake).items()}}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    opt_after = [st for o in (run.opt_s, run.opt_f) for st in o.state.values()]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(opt_before, opt_after) for k in a)
+
+
+def test_ten_nan_steps_stop_the_run(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    nan_student(monkeypatch, first_bad_step=2)  # steps 1-2 fine, 3-12 NaN
+    with pytest.raises(wadi.UserError, match=r"10 steps in a row .*step 12.*checkpoint-10"):
+        wadi.main(["--pretrained_model_name_or_path", "tiny", "--prompts", PROMPTS, "--output_dir", str(out),
+                   "--train_batch_size", "1", "--resolution", "32", "--max_train_steps", "30",
+                   "--checkpointing_steps", "2", "--validation_steps", "1000", "--student_rank", "8"])
+    lines = (out / "log.jsonl").read_text().splitlines()
+
+    def no_nan(c):
+        raise ValueError(f"{c} in log.jsonl is not JSON")
+    logs = [json.loads(line, parse_constant=no_nan) for line in lines]  # strict JSON, as jq would read it
+    assert [r["step"] for r in logs] == list(range(1, 12))  # step 12 raised before logging
+    assert [r["skipped"] for r in logs] == [0, 0] + list(range(1, 10))
+    assert all(r["grad_norm_student"] is None for r in logs[2:])
+    # the checkpoints written during the NaN streak hold the last good angles, intact and finite
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-10", "checkpoint-2", "checkpoint-4", "checkpoint-6",
+                                                     "checkpoint-8", "log.jsonl", "samples"]
+    for name in ("student", "fake"):
+        good, last = (load_file(out / f"checkpoint-{s}" / f"{name}_lorad.safetensors") for s in (2, 10))
+        assert good.keys() == last.keys() and all(torch.equal(good[k], last[k]) for k in good)
+        assert all(torch.isfinite(v).all() for v in last.values())
+    state = torch.load(out / "checkpoint-10" / "state.pt", weights_only=True)
+    assert state["step"] == 10 and state["skipped"] == 8
+
+
+# -----------------------------------------------------------------------------
+# the CLI end to end (issue items 5-7), in a few shared subprocess runs
+
+
+RUN_ARGS = ["--pretrained_model_name_or_path", "tiny", "--prompts", PROMPTS, "--checkpointing_steps", "1",
+            "--checkpoints_total_limit", "2", "--validation_steps", "2", "--student_rank", "16", "--fake_rank", "4",
+            "--learning_rate", "1e-2", "--validation_prompts", "a red fox", "a blue car"]  # a big lr: visible change
+STUDENT_RANK, STEPS = 16, 4
+
+
+def cli(out, steps, *extra, batch=2, launcher=(sys.executable,), script=WADI, env=None):
+    cmd = [*launcher, script, *RUN_ARGS, "--output_dir", str(out), "--train_batch_size", str(batch),
+           "--max_train_steps", str(steps), *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=HERE,
+                       env={**os.environ, **(env or {})})
+    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """One process, global batch 2, 4 steps uninterrupted."""
+    out = tmp_path_factory.mktemp("full") / "out"
+    cli(out, STEPS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory):
+    """The same run, stopped after 2 steps (and exported), then resumed from its latest checkpoint to 4."""
+    out = tmp_path_factory.mktemp("resumed") / "out"
+    cli(out, STEPS // 2)
+    r = cli(out, STEPS, "--resume_from_checkpoint", "latest")
+    return out, r.stdout
+
+
+DDP_WRAPPER = """
+# Runs wadi.py as __main__ under torchrun, unchanged, and afterwards dumps every rank's own adapters: wadi.py
+# saves on rank 0 only. The spy records the two models that wadi.setup gives adapters (student, then fake).
+import os, runpy, sys
+sys.path.insert(0, {here!r})
+import lorad
+from safetensors.torch import save_file
+models, add_lorad = [], lorad.add_lorad
+def spy(model, *args, **kwargs):
+    models.append(model)
+    return add_lorad(model, *args, **kwargs)
+lorad.add_lorad = spy
+sys.argv = [{wadi!r}, *sys.argv[1:]]
+runpy.run_path({wadi!r}, run_name="__main__")
+student, fake = models[:2]  # rank 0's export adds a third
+dump = {{**{{"student." + k: v for k, v in lorad.lorad_state_dict(student).items()}},
+         **{{"fake." + k: v for k, v in lorad.lorad_state_dict(fake).items()}}}}
+save_file(dump, os.path.join(os.environ["DUMP_DIR"], "rank%s.safetensors" % os.environ["RANK"]))
+"""
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """Two CPU processes (gloo), batch 1 each: the same global batch as full_run."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    script = tmp / "ddp_wrapper.py"
+    script.write_text(DDP_WRAPPER.format(here=HERE, wadi=WADI))
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    cli(tmp / "out", STEPS, batch=1, launcher=launcher, script=str(script), env=dict(DUMP_DIR=str(tmp)))
+    return tmp
+
+
+def tensors_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_writes_its_outputs(full_run):
+    out = full_run
+    assert sorted(os.listdir(out)) == ["checkpoint-3", "checkpoint-4", "log.jsonl", "pipeline", "samples",
+                                       "student_lorad.safetensors"]  # checkpoints 1, 2 pruned; no .tmp left over
+    assert sorted(os.listdir(out / "checkpoint-4")) == ["fake_lorad.safetensors", "state.pt",
+                                                        "student_lorad.safetensors"]
+    # samples: one row of 64 px images, one per validation prompt, at step 2 and at the end
+    from PIL import Image
+    assert sorted(os.listdir(out / "samples")) == ["step-000002.png", "step-000004.png"]
+    with Image.open(out / "samples" / "step-000004.png") as im:
+        assert im.size == (2 * 64, 64) and im.mode == "RGB"
+    # log.jsonl: one strict-JSON line per step
+    logs = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl"))
+            for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4]
+    for r in logs:
+        assert {"loss_vsd", "loss_fake", "grad_norm_student", "grad_norm_fake", "lr", "fake_lr", "sec_per_step",
+                "img_per_sec", "peak_mem_gb", "skipped"} <= r.keys()
+        assert r["lr"] == 1e-2 and r["fake_lr"] == 1e-2 and r["skipped"] == 0
+        assert all(math.isfinite(v) for v in r.values())
+    assert logs[0]["loss_vsd"] == 0 and logs[-1]["loss_vsd"] > 0  # fake == teacher at step 1 only
+    # the exported adapter: angles only, the student's rank, the final checkpoint's student
+    angles = load_file(out / "student_lorad.safetensors")
+    assert angles and all(k.endswith((".theta_a", ".theta_b")) for k in angles)
+    assert {k[:-len(".theta_a")] for k in angles if k.endswith("a")} == \
+           {k[:-len(".theta_b")] for k in angles if k.endswith("b")}
+    assert all(v.shape[-1 if k.endswith("a") else 0] == STUDENT_RANK for k, v in angles.items())
+    assert tensors_equal(angles, load_file(out / "checkpoint-4" / "student_lorad.safetensors"))
+    assert any(v.abs().max() > 0 for k, v in angles.items() if k.endswith("theta_a"))  # it trained
+    # the pipeline: stock keys (merged, no angles), a one-step scheduler that does not clip x0
+    unet = load_file(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not any("theta" in k for k in unet)
+    sched = json.loads((out / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["timestep_spacing"] == "trailing" and sched["clip_sample"] is False
+    assert torch.load(out / "checkpoint-4" / "state.pt", weights_only=True)["step"] == 4
+
+
+def test_resume_is_bitwise_identical(full_run, resumed_run):
+    out, stdout = resumed_run
+    assert "resumed" in stdout and "checkpoint-2" in stdout
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-4"]
+    for name in ("student", "fake"):
+        a = load_file(full_run / "checkpoint-4" / f"{name}_lorad.safetensors")
+        b = load_file(out / "checkpoint-4" / f"{name}_lorad.safetensors")
+        assert tensors_equal(a, b), name
+    assert tensors_equal(*(load_file(d / "student_lorad.safetensors") for d in (full_run, out)))
+    full, resumed = ([json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()] for d in (full_run, out))
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for r, s in zip(full, resumed):
+        assert (r["loss_vsd"], r["loss_fake"], r["grad_norm_student"]) == (s["loss_vsd"], s["loss_fake"],
+                                                                           s["grad_norm_student"])
+
+
+def test_two_processes_equal_one(full_run, ddp_run):
+    """2 processes x batch 1 (gloo all-reduce of the gradients) against 1 process x batch 2, same global batch.
+
+    Both ranks must hold the same angles bitwise (the same averaged gradient, the same optimizer arithmetic).
+    Against one process it cannot be bitwise, nor 1e-6 close: the batch means and weight-gradient sums add in
+    another order (~1e-7), the cancellation in eps_real - eps_fake right after the fake model's first step makes
+    that ~1e-4 of the student's gradient (measured in process, no torch.distributed involved), and AdamW scales
+    every element's step to ~lr whatever its size, while half of those gradient elements are below its eps = 1e-8,
+    i.e. pure rounding. So the angles agree to a small fraction of one step (measured: max 1.8e-4 = 0.018 lr), and
+    the student's trained theta_a (it starts at 0) to 5e-4 of its norm. A real mistake (shared or mis-sliced noise
+    or prompts, unaveraged gradients) moves elements by whole steps; a sum instead of a mean, which AdamW would
+    hide, doubles the logged gradient norms, which must agree to 1e-3 (measured 8e-5)."""
+    ranks = [load_file(ddp_run / f"rank{r}.safetensors") for r in range(2)]
+    assert tensors_equal(ranks[0], ranks[1])
+    exported = {"student": load_file(ddp_run / "out" / "student_lorad.safetensors"),
+                "fake": load_file(ddp_run / "out" / "checkpoint-4" / "fake_lorad.safetensors")}
+    for name, angles in exported.items():  # the rank dumps are what rank 0 wrote
+        assert tensors_equal(angles, {k[len(name) + 1:]: v for k, v in ranks[0].items() if k.startswith(name + ".")})
+    single = {"student": load_file(full_run / "student_lorad.safetensors"),
+              "fake": load_file(full_run / "checkpoint-4" / "fake_lorad.safetensors")}
+    lr = 1e-2  # both learning rates in RUN_ARGS
+    for name in single:
+        a, b = exported[name], single[name]
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0.1 * lr, msg=lambda m: f"{name} {k}: {m}")
+        trained = [k for k in a if k.endswith(".theta_a")]
+        da, db = (torch.cat([t[k].flatten() for k in trained]) for t in (a, b))
+        assert db.norm() > 0.5 * lr and (da - db).norm() < 5e-3 * db.norm(), name
+    logs = [[json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+            for d in (full_run, ddp_run / "out")]
+    assert [r["step"] for r in logs[1]] == [1, 2, 3, 4]
+    for r, s in zip(*logs):
+        for key in ("grad_norm_student", "grad_norm_fake"):
+            assert s[key] == pytest.approx(r[key], rel=1e-3, abs=1e-12), (r["step"], key)
+
+
+def test_exported_pipeline_reproduces_the_generator(full_run, tiny):
+    """Stock diffusers, one step, no CFG, against wadi.one_step on a fresh LoRaD UNet with the exported angles."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    pipe = StableDiffusionPipeline.from_pretrained(full_run / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a red fox sitting in a snowy forest"
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        theirs = pipe(prompt, num_inference_steps=1, guidance_scale=0, latents=z.clone(), output_type="latent").images
+        tokenizer = CLIPTokenizer.from_pretrained(tiny, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(tiny, subfolder="text_encoder")
+        ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        emb = text_encoder(ids)[0]
+        unet = UNet2DConditionModel.from_pretrained(tiny, subfolder="unet")
+        teacher = wadi.one_step(unet, z, emb, abar_closed_form().float())
+        add_lorad(unet, STUDENT_RANK, **wadi.STUDENT_LAYERS)
+        load_lorad(unet, load_file(full_run / "student_lorad.safetensors"))
+        ours = wadi.one_step(unet, z, emb, abar_closed_form().float())
+    assert theirs.dtype == torch.float32
+    tol = 1e-5 * ours.abs().max().item()  # fp32 merge vs on-the-fly rotation, fp32 vs fp64 abar: ~1e-6
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=tol)
+    assert (ours - teacher).abs().max() > 100 * tol  # the adapters matter at this tolerance
+
+
+# -----------------------------------------------------------------------------
+# bad inputs (issue item 8): one line on stderr, non-zero exit, nothing written
+
+
+def snapshot(path):
+    if not path.exists():
+        return None
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(path.rglob("*"))}
+
+
+def bad_input(case, tmp, tiny):
+    """Arguments for a run that must fail, and the output dir it must leave alone."""
+    out = tmp / "out"
+    args = ["--pretrained_model_name_or_path", "tiny", "--prompts", PROMPTS, "--output_dir", str(out),
+            "--max_train_steps", "1", "--train_batch_size", "1"]  # if it does not fail, at least it is short
+    if case == "missing_prompts":
+        return args + ["--prompts", str(tmp / "nope.txt")], out
+    if case == "empty_prompts":
+        (tmp / "empty.txt").write_text("\n   \n\t\n\n")
+        return args + ["--prompts", str(tmp / "empty.txt")], out
+    if case == "non_utf8_prompts":
+        (tmp / "latin1.txt").write_bytes("a caf\u00e9 in paris\n".encode("latin-1"))
+        return args + ["--prompts", str(tmp / "latin1.txt")], out
+    if case == "model_path_missing":
+        return args + ["--pretrained_model_name_or_path", str(tmp / "no" / "such" / "model")], out
+    if case == "model_not_diffusers":
+        (tmp / "folder").mkdir()
+        (tmp / "folder" / "README.md").write_text("not a model\n")
+        return args + ["--pretrained_model_name_or_path", str(tmp / "folder")], out
+    if case == "v_prediction":
+        shutil.copytree(tiny, tmp / "vpred")
+        cfg = tmp / "vpred" / "scheduler" / "scheduler_config.json"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "prediction_type": "v_prediction"}))
+        return args + ["--pretrained_model_name_or_path", str(tmp / "vpred")], out
+    if case == "resolution_not_multiple_of_8":
+        return args + ["--resolution", "60"], out
+    if case == "student_rank_0":
+        return args + ["--student_rank", "0"], out
+    if case == "fake_rank_negative":
+        return args + ["--fake_rank", "-1"], out
+    if case == "resume_missing":
+        return args + ["--resume_from_checkpoint", str(tmp / "checkpoint-7")], out
+    if case == "output_dir_has_checkpoints":
+        (out / "checkpoint-2").mkdir(parents=True)
+        (out / "checkpoint-2" / "state.pt").write_bytes(b"another run")
+        (out / "log.jsonl").write_text('{"step": 2}\n')
+        return args, out
+    raise KeyError(case)
+
+
+BAD_INPUTS = ["missing_prompts", "empty_prompts", "non_utf8_prompts", "model_path_missing", "model_not_diffusers",
+              "v_prediction", "resolution_not_multiple_of_8", "student_rank_0", "fake_rank_negative", "resume_missing",
+              "output_dir_has_checkpoints"]
+
+
+def assert_one_error_line(code, err):
+    assert code not in (0, None)
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wadi: error: "), err
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_in_process(case, tmp_path, tiny, monkeypatch, capsys):
+    """wadi.py's own __main__ block, run in this process (runpy): the CLI's code path without 5 s of imports."""
+    argv, out = bad_input(case, tmp_path, tiny)
+    before = snapshot(out)
+    monkeypatch.setattr(sys, "argv", [WADI, *argv])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(WADI, run_name="__main__")
+    assert_one_error_line(e.value.code, capsys.readouterr().err)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("case", ["missing_prompts", "v_prediction"])
+def test_bad_input_cli(case, tmp_path, tiny):
+    """The real CLI in a subprocess: nothing else (library warnings, progress bars) reaches stderr."""
+    argv, out = bad_input(case, tmp_path, tiny)
+    r = subprocess.run([sys.executable, WADI, *argv], capture_output=True, text=True, timeout=TIMEOUT, cwd=HERE)
+    assert_one_error_line(r.returncode, r.stderr)
+    assert "Traceback" not in r.stdout
+    assert not out.exists()
