@@ -306,6 +306,20 @@ def test_paper_parameter_counts(arch, adapter, rank, layers, expected, paper):
     assert f"{expected / 1e6:.2f}M" == paper
 
 
+def test_readme_usage_example(tmp_path, monkeypatch):
+    """The README's LoRaD example runs as written and does what its comments say."""
+    import os
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8") as f:
+        blocks = [b.split("```", 1)[0] for b in f.read().split("```python\n")[1:]]
+    example = [b for b in blocks if "add_lorad" in b][0]
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(example, "README.md", "exec"), scope)
+    assert scope["names"] == ["0", "2"]
+    assert list(torch.load("adapter.pt")) == ["0.theta_a", "0.theta_b", "2.theta_a", "2.theta_b"]
+    assert list(scope["model"].state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
 if __name__ == "__main__":
     print("| model | adapter | targets | rank | layers | trainable |")
     print("|---|---|---|---|---|---|")

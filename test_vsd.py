@@ -204,6 +204,22 @@ def test_train_step_changes_only_adapters(tmp_path):
         assert all(not p.requires_grad and p.grad is None for p in model.parameters())
 
 
+def test_ema_follows_the_student_angles(tmp_path):
+    """--ema_decay d: after each step ema <- d * ema + (1 - d) * student, on the angles alone (shared base)."""
+    run = make_run(tmp_path, "--ema_decay", "0.75", "--learning_rate", "1e-2")
+    set_fake_angles(run)  # so the student moves at its first step
+    ema = clone(lorad_state_dict(run.ema))
+    assert tensors_equal(ema, clone(lorad_state_dict(run.student)))  # starts as the student
+    for step in range(2):
+        wadi.train_step(run, step)
+        student = lorad_state_dict(run.student)
+        ema = {k: 0.75 * v + 0.25 * student[k] for k, v in ema.items()}
+        for k, v in lorad_state_dict(run.ema).items():
+            torch.testing.assert_close(v, ema[k], rtol=1e-6, atol=1e-7)
+    assert not tensors_equal(ema, clone(lorad_state_dict(run.student)))
+    assert {p.data_ptr() for p in run.ema.parameters() if not p.requires_grad} >= {p.data_ptr() for p in run.teacher.parameters()}
+
+
 def test_one_copy_of_base_weights(tmp_path):
     run = make_run(tmp_path)
     storages = {}
@@ -575,3 +591,53 @@ def test_bad_input_cli(case, tmp_path, tiny):
     assert_one_error_line(r.returncode, r.stderr)
     assert "Traceback" not in r.stdout
     assert not out.exists()
+
+
+# -----------------------------------------------------------------------------
+# the README's commands, run as written (paths moved to a temporary folder), so they cannot rot
+
+
+def readme_blocks(lang):
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    return [b.split("```", 1)[0] for b in text.split(f"```{lang}\n")[1:]]
+
+
+def test_readme_quick_start_and_sampling_snippet(tmp_path):
+    """The quick start's training command end to end, then the README's diffusers snippet on what it wrote."""
+    commands = [line for b in readme_blocks("bash") for line in b.splitlines() if line.startswith("python wadi.py")]
+    quick = [c for c in commands if "tiny" in c][0].split()
+    assert quick[quick.index("--output_dir") + 1] == "wadi-tiny"
+    quick[quick.index("--output_dir") + 1] = str(tmp_path / "wadi-tiny")
+    r = subprocess.run([sys.executable, *quick[1:]], capture_output=True, text=True, timeout=TIMEOUT, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = int(quick[quick.index("--max_train_steps") + 1])
+    assert (tmp_path / "wadi-tiny" / "samples" / f"step-{steps:06d}.png").exists()  # where the README says
+    snippet = [b for b in readme_blocks("python") if "StableDiffusionPipeline.from_pretrained" in b][0]
+    snippet = snippet.replace('"wadi-out/pipeline"', repr(str(tmp_path / "wadi-tiny" / "pipeline")))
+    snippet = snippet.replace('"shiba.png"', repr(str(tmp_path / "shiba.png")))
+    exec(compile(snippet, "README.md", "exec"), {})
+    from PIL import Image
+    assert Image.open(tmp_path / "shiba.png").size == (64, 64)
+
+
+def test_readme_journeydb_command(tmp_path):
+    """JourneyDB annotations (one JSON object per image, with a prompt) -> one unique prompt per line."""
+    command = [line for b in readme_blocks("bash") for line in b.splitlines() if "journeydb_prompts.txt" in line
+               and line.startswith("python -c")][0]
+    rows = [{"img_path": "a.jpg", "prompt": "a cat,  in  the rain\n"}, {"img_path": "b.jpg", "prompt": "a cat, in the rain"},
+            {"img_path": "c.jpg", "prompt": "Ünïcode castle --ar 16:9"}]
+    (tmp_path / "train_anno_realease_repath.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    subprocess.run(command, shell=True, check=True, cwd=tmp_path, timeout=60)
+    assert wadi.read_prompts(str(tmp_path / "journeydb_prompts.txt")) == ["a cat, in the rain", "Ünïcode castle --ar 16:9"]
+
+
+def test_train_sh_flags_parse():
+    """train.sh's wadi.py flags are all ones wadi.py accepts, with the paper's values."""
+    with open(os.path.join(HERE, "train.sh")) as f:
+        body = f.read().split("--nproc_per_node 8 wadi.py", 1)[1].split('"$@"')[0]  # the command's flags
+    argv = body.replace("\\\n", " ").replace('"$prompts"', "p.txt").split()
+    args = wadi.parse_args(argv)
+    assert (args.resolution, args.train_batch_size, args.learning_rate, args.fake_learning_rate) == (512, 16, 1e-4, 1e-2)
+    assert (args.guidance_scale, args.student_rank, args.fake_rank, args.mixed_precision) == (1.5, 256, 32, "bf16")
+    assert args.gradient_checkpointing and args.max_train_steps is None  # 2 epochs
