@@ -238,7 +238,7 @@ def step_worker(args):
 
 def bench_step(args):
     """Both designs on each size, alternating processes over `rounds` so machine noise hits both alike."""
-    print(f"| UNet | latents x batch | design | s/step | speed-up | peak RSS | unique parameter bytes |")
+    print("| UNet | latents x batch | design | s/step | speed-up | peak RSS | unique parameter bytes |")
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes:
         res = {"ours": [], "authors": []}
@@ -346,7 +346,6 @@ def toy_data(modes, prompt, generator):
 
 def train_toy_teacher(path, modes, steps, batch=32):
     """The tiny pipeline's UNet trained from scratch with eq. (1) and 10% empty prompts (for CFG)."""
-    from diffusers import UNet2DConditionModel
     wadi.build_tiny_pipeline(path)
     tok, te, vae, unet, sched = wadi.load_pipeline_parts(path, torch.device("cpu"), torch.float32)
     run = argparse.Namespace(tokenizer=tok, text_encoder=te, device=torch.device("cpu"), autocast=contextlib.nullcontext())
