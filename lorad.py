@@ -1,12 +1,12 @@
 """
 LoRaD: Low-rank Rotation of weight Direction (WaDi, CVPR 2026, arXiv 2603.08258), in one file.
 
-    from lorad import add_lorad, merge_lorad, lorad_state_dict, load_lorad
-    names = add_lorad(unet, rank=256, include=("down_blocks", "mid_block", "up_blocks"))
-    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
-    ...train as usual: only the angles theta_a / theta_b require grad...
-    torch.save(lorad_state_dict(unet), "lorad.pt")     # adapter only, <module>.theta_a/.theta_b
-    merge_lorad(unet)                                   # plain nn.Linear again, stock state-dict keys
+    >>> from lorad import add_lorad, merge_lorad, lorad_state_dict, load_lorad
+    >>> names = add_lorad(unet, rank=256, include=("down_blocks", "mid_block", "up_blocks"))
+    >>> opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
+    >>> # ...train as usual: only the angles theta_a / theta_b require grad...
+    >>> torch.save(lorad_state_dict(unet), "lorad.pt")  # adapter only: <module>.theta_a / .theta_b
+    >>> merge_lorad(unet)                                # plain nn.Linear again, stock state-dict keys
 
 A frozen Linear has weight W (out, in). LoRaD rotates every output row of W inside the in/2 planes
 spanned by the input-column pairs (2j, 2j+1), by angles theta = theta_a @ theta_b (out x in/2, rank r):
