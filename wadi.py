@@ -18,6 +18,7 @@ The output is output_dir/pipeline: a stock diffusers StableDiffusionPipeline to 
 import argparse
 import contextlib
 import copy
+import functools
 import glob
 import hashlib
 import json
@@ -261,6 +262,12 @@ def seeded(*key):
     return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little"))
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed, epoch, n):
+    """The order in which epoch `epoch` visits the n prompts (cached: 1.4M prompts take ~20 ms to permute)."""
+    return torch.randperm(n, generator=seeded(seed, "epoch", epoch))
+
+
 def draw(run, step):
     """All randomness of one step, for the GLOBAL batch, from a generator seeded by (seed, step); this rank takes
     its slice. So ranks never share noise (the authors' bug), N ranks x batch b == 1 process x batch N*b, and a
@@ -268,7 +275,7 @@ def draw(run, step):
     g, b, k = seeded(run.args.seed, step), run.args.train_batch_size, run.args.fake_updates
     B, shape, n = b * run.world, run.latent_shape, len(run.prompts)
     i = torch.arange(step * B, (step + 1) * B)  # global sample numbers; an epoch is a fresh permutation
-    order = {e: torch.randperm(n, generator=seeded(run.args.seed, "epoch", e)) for e in (i // n).unique().tolist()}
+    order = {e: epoch_order(run.args.seed, e, n) for e in (i // n).unique().tolist()}
     d = dict(prompt=torch.stack([order[e][j] for e, j in zip((i // n).tolist(), (i % n).tolist())]),
              z=torch.randn(B, *shape, generator=g), t=torch.randint(20, 981, (B,), generator=g),
              noise=torch.randn(B, *shape, generator=g),
