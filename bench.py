@@ -220,6 +220,30 @@ def step_run(size, design, student_rank, fake_rank):
     return run
 
 
+def step_flops(config, side, batch, student_rank, fake_rank):
+    """FLOPs of one step, ours and the authors' design, counted on the meta device (no gradient checkpointing).
+    The designs differ by the hooks' repeated F.linear in every adapted layer of 4 of the 8 UNet passes."""
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+        hooked = [hook_lorad(unet, r, layers) for r, layers in ((student_rank, wadi.STUDENT_LAYERS), (fake_rank, wadi.FAKE_LAYERS))]
+    student, fake = wadi.share_base(unet, student_rank, wadi.STUDENT_LAYERS), wadi.share_base(unet, fake_rank, wadi.FAKE_LAYERS)
+
+    def flops(model, b, train):
+        x = torch.randn(b, 4, side, side, device="meta")
+        with FlopCounterMode(display=False) as counter:
+            y = model(x, torch.full((b,), 999, device="meta"), torch.randn(b, 77, config["cross_attention_dim"], device="meta")).sample
+            if train:
+                y.sum().backward()
+        return counter.get_total_flops()
+
+    ours = flops(student, batch, True) + flops(unet, 2 * batch, False) + flops(fake, 2 * batch, False) + flops(fake, batch, True)
+    theirs = (flops(hooked[0], batch, True) + 2 * flops(unet, batch, False) + 2 * flops(hooked[1], batch, False)
+              + flops(hooked[1], batch, True))
+    return ours, theirs
+
+
 def step_worker(args):
     """One (size, design) in a fresh process, so its peak RSS is its own; prints one JSON line."""
     run = step_run(args.size, args.design, args.student_rank, args.fake_rank)
@@ -238,8 +262,9 @@ def step_worker(args):
 
 def bench_step(args):
     """Both designs on each size, alternating processes over `rounds` so machine noise hits both alike."""
-    print("| UNet | latents x batch | design | s/step | speed-up | peak RSS | unique parameter bytes |")
-    print("|---|---|---|---|---|---|---|")
+    from diffusers import UNet2DConditionModel
+    print("| UNet | latents x batch | design | s/step | speed-up | GFLOP/step (ratio) | peak RSS | unique parameter bytes |")
+    print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         res = {"ours": [], "authors": []}
         for _ in range(args.rounds):
@@ -248,12 +273,20 @@ def bench_step(args):
                        "--steps", str(args.steps), "--warmup", str(args.warmup),
                        "--student_rank", str(args.student_rank), "--fake_rank", str(args.fake_rank)]
                 res[design].append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
-        _, side, batch = STEP_SIZES[size]
+        config, side, batch = STEP_SIZES[size]
+        config = dict(sample_size=side, **config) if config else UNet2DConditionModel.load_config(wadi.resolve_model("tiny"), subfolder="unet")
+        ours, theirs = step_flops(config, side, batch, args.student_rank, args.fake_rank)
+        flops = {"ours": ours, "authors": theirs}
         sec = {d: statistics.median(r["sec"] for r in rs) for d, rs in res.items()}
         for d, rs in res.items():
             print(f"| {size} | 4x{side}x{side} x {batch} | {d} | {sec[d]:.3f} | {sec['authors'] / sec[d]:.2f}x "
+                  f"| {flops[d] / 1e9:.1f} ({theirs / flops[d]:.3f}x) "
                   f"| {max(r['rss'] for r in rs) / 2**20:.0f} MiB | {rs[0]['param_bytes'] / 2**20:.1f} MiB "
                   f"({rs[0]['param_bytes'] / res['ours'][0]['param_bytes']:.2f}x) |")
+    from test_lorad import SD15
+    ours, theirs = step_flops(SD15, 64, 16, 256, 32)
+    print(f"\nThe paper's setting, counted on the meta device (SD1.5, 512 px, batch 16, ranks 256/32): ours "
+          f"{ours / 1e12:.0f} TFLOP/step, the authors' design {theirs / 1e12:.0f} ({theirs / ours:.3f}x)")
 
 
 # -----------------------------------------------------------------------------
@@ -322,12 +355,14 @@ def bench_sd15(args):
 # are known exactly, a tiny teacher trained on it, wadi.py's own command line, scores in latent space.
 
 TOY_PROMPTS = ["a red circle", "a green square", "a blue star", "a yellow moon"]
-TOY_MODES, TOY_NOISE = 3, 0.05  # modes per prompt; std of the data around each mode
+TOY_MODES, TOY_NOISE = 3, 0.15  # modes per prompt; std of the data around each mode
 
 
 def toy_modes(seed):
     """(prompts, modes, 4, 8, 8) latents: each mode a Gaussian bump at its own place on a 4x4 lattice, with a
-    +-1 channel signature per prompt. Modes are >= 6 apart; a sample of the data lies ~0.8 from its mode."""
+    +-1 channel signature per prompt, scaled so the modes have unit variance per element, as SD's latents have
+    (the VAE's scaling_factor): the noise schedule's signal-to-noise ratios are meant for that scale.
+    Modes are >= 18 apart; a sample of the data lies ~2.4 from its mode."""
     g = torch.Generator().manual_seed(seed)
     P, M = len(TOY_PROMPTS), TOY_MODES
     lattice = torch.tensor([(y, x) for y in (1, 3, 5, 7) for x in (1, 3, 5, 7)], dtype=torch.float32)
@@ -335,7 +370,8 @@ def toy_modes(seed):
     sign = torch.randint(0, 2, (P, 1, 4, 1, 1), generator=g) * 2.0 - 1
     yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
     bump = torch.exp(-((yy - pos[:, :, 0]) ** 2 + (xx - pos[:, :, 1]) ** 2) / (2 * 0.8 ** 2))
-    return 2.0 * sign * bump[:, :, None]
+    modes = sign * bump[:, :, None]
+    return modes / modes.square().mean().sqrt()
 
 
 def toy_data(modes, prompt, generator):
@@ -352,6 +388,7 @@ def train_toy_teacher(path, modes, steps, batch=32):
     cond, null = wadi.encode(run, TOY_PROMPTS), wadi.encode(run, [""])
     unet.train().requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)  # to 0: a precise final model
     g, abar = torch.Generator().manual_seed(0), sched.alphas_cumprod
     for step in range(steps):
         p = torch.randint(len(TOY_PROMPTS), (batch,), generator=g)
@@ -362,6 +399,7 @@ def train_toy_teacher(path, modes, steps, batch=32):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        decay.step()
         if step % 500 == 0:
             print(f"teacher step {step}/{steps} | loss {loss.item():.4f}", flush=True)
     unet.save_pretrained(os.path.join(path, "unet"))
@@ -396,7 +434,8 @@ def toy_tau(modes):
 def toy_scores(samples, modes):
     """precision: share of samples within tau of some mode (tau = a third of the closest two modes' distance);
     coverage: share of each prompt's modes that a precise sample of that prompt hits; adherence: share of
-    samples whose nearest mode is one of the asked prompt's; dist: mean distance to the nearest mode; FD to data."""
+    samples whose nearest mode is one of the asked prompt's; dist: mean distance to the nearest mode, and `off`, the
+    part of it orthogonal to the span of all modes (noise in directions where the data has none); FD to data."""
     P, n = samples.shape[:2]
     x, centers = samples.flatten(2).flatten(0, 1), modes.flatten(2).flatten(0, 1)
     tau = toy_tau(modes)
@@ -405,9 +444,11 @@ def toy_scores(samples, modes):
     right_prompt = nearest // modes.shape[1] == asked
     hit = torch.zeros(len(centers), dtype=torch.bool)
     hit[nearest[(dist < tau) & right_prompt]] = True
+    err, basis = x - centers[nearest], torch.linalg.qr(centers.T).Q
     data = toy_data(modes, asked, torch.Generator().manual_seed(7)).flatten(1)
     return dict(precision=(dist < tau).float().mean().item(), coverage=hit.float().mean().item(),
-                adherence=right_prompt.float().mean().item(), dist=dist.mean().item(), fd=frechet_distance(x, data))
+                adherence=right_prompt.float().mean().item(), dist=dist.mean().item(),
+                off=(err - err @ basis @ basis.T).norm(dim=1).mean().item(), fd=frechet_distance(x, data))
 
 
 def line_plot(path, xs, series, levels, title):
@@ -488,14 +529,17 @@ def bench_toy(args):
         lorad.merge_lorad(unet)
         pipe.unet = unet
         curve[int(ckpt.rsplit("-", 1)[1])] = toy_scores(toy_samples(pipe, 1, 0, n), modes)
-    print(f"| {n} samples per prompt | precision | coverage | adherence | mean distance to nearest mode | FD to data |")
-    print("|---|---|---|---|---|---|")
+    print(f"| {n} samples per prompt | precision | coverage | adherence | mean distance to nearest mode "
+          f"(tau = {toy_tau(modes):.2f}) | its part off the modes' span | FD to data |")
+    print("|---|---|---|---|---|---|---|")
     for name, s in rows.items():
-        print(f"| {name} | {s['precision']:.2f} | {s['coverage']:.2f} | {s['adherence']:.2f} | {s['dist']:.2f} | {s['fd']:.1f} |")
+        print(f"| {name} | {s['precision']:.2f} | {s['coverage']:.2f} | {s['adherence']:.2f} | {s['dist']:.2f} "
+              f"| {s['off']:.2f} | {s['fd']:.1f} |")
     print("\nstudent over training:", " ".join(f"{k}: {v['precision']:.2f}/{v['coverage']:.2f}/{v['adherence']:.2f}"
                                                 for k, v in curve.items()), "(precision/coverage/adherence)")
     plot = os.path.join(out, "curve.png")
-    line_plot(plot, list(curve), {"student, 1 step": [v["dist"] for v in curve.values()]},
+    line_plot(plot, list(curve), {"student, 1 step": [v["dist"] for v in curve.values()],
+                                  "its part off the modes' span": [v["off"] for v in curve.values()]},
               {"teacher, 25 steps, CFG 1.5": rows["teacher, 25 DDIM steps, CFG 1.5"]["dist"],
                "precision threshold tau": toy_tau(modes)},
               "mean distance of a sample to its nearest mode")
@@ -533,8 +577,8 @@ if __name__ == "__main__":
     p.add_argument("--mfu", type=float, default=0.4, help="assumed share of the peak reached")
     p = sub.add_parser("toy", help="distill a toy teacher with wadi.py and score it against the known modes")
     p.add_argument("--seed", type=int, default=0, help="which toy (modes); the teacher is trained once per seed")
-    p.add_argument("--teacher_steps", type=int, default=3000)
-    p.add_argument("--steps", type=int, default=4000, help="wadi.py steps (~17 CPU-minutes)")
+    p.add_argument("--teacher_steps", type=int, default=2500)
+    p.add_argument("--steps", type=int, default=4000, help="wadi.py steps (~27 CPU-minutes)")
     p.add_argument("--samples", type=int, default=64, help="per prompt")
     p.add_argument("--out", default="bench-out")
     p.add_argument("wadi_args", nargs="*", help="more wadi.py flags, after --")
