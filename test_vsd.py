@@ -641,3 +641,33 @@ def test_train_sh_flags_parse():
     assert (args.resolution, args.train_batch_size, args.learning_rate, args.fake_learning_rate) == (512, 16, 1e-4, 1e-2)
     assert (args.guidance_scale, args.student_rank, args.fake_rank, args.mixed_precision) == (1.5, 256, 32, "bf16")
     assert args.gradient_checkpointing and args.max_train_steps is None  # 2 epochs
+
+
+# -----------------------------------------------------------------------------
+# bench.py toy: the scores behind the README's distillation table, against closed forms
+
+def test_toy_scores_closed_form():
+    import bench
+    modes = bench.toy_modes(1)
+    assert modes.square().mean().item() == pytest.approx(1.0)  # unit variance, as SD latents
+    P, M = modes.shape[:2]
+    exact = modes.repeat(1, 2, 1, 1, 1)  # every prompt's own modes, twice
+    s = bench.toy_scores(exact, modes)
+    assert (s["precision"], s["coverage"], s["adherence"]) == (1.0, 1.0, 1.0)
+    assert s["dist"] == pytest.approx(0, abs=1e-5) and s["off"] == pytest.approx(0, abs=1e-5)
+    wrong = modes.roll(1, dims=0)  # prompt p asks, the modes of prompt p-1 answer
+    s = bench.toy_scores(wrong, modes)
+    assert (s["precision"], s["coverage"], s["adherence"]) == (1.0, 0.0, 0.0)
+    # a step of length 2 orthogonal to every mode: distance 2, all of it off the modes' span, inside tau
+    centers = modes.flatten(2).flatten(0, 1)
+    v = torch.randn(centers.shape[1], generator=torch.Generator().manual_seed(0))
+    basis = torch.linalg.qr(centers.T).Q
+    v = v - basis @ (basis.T @ v)
+    s = bench.toy_scores(modes + (2 * v / v.norm()).view(1, 1, *modes.shape[2:]), modes)
+    assert s["dist"] == pytest.approx(2, rel=1e-4) and s["off"] == pytest.approx(2, rel=1e-4)
+    assert bench.toy_tau(modes) > 2 and s["precision"] == 1.0
+    # Frechet distance: a set against itself is 0; shifted by mu (same covariance) it is |mu|^2
+    a = torch.randn(500, 8, generator=torch.Generator().manual_seed(1))
+    mu = torch.arange(8.0) / 4
+    assert bench.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    assert bench.frechet_distance(a, a + mu) == pytest.approx(mu.square().sum().item(), rel=1e-6)
