@@ -220,27 +220,31 @@ def step_run(size, design, student_rank, fake_rank):
     return run
 
 
+def meta_flops(model, batch, side, train=False):
+    """FLOPs of one UNet call (and its backward if `train`) on a meta-device model: counted, nothing computed."""
+    from torch.utils.flop_counter import FlopCounterMode
+    meta = dict(device="meta", dtype=next(model.parameters()).dtype)
+    x, c = torch.randn(batch, 4, side, side, **meta), torch.randn(batch, 77, model.config.cross_attention_dim, **meta)
+    with FlopCounterMode(display=False) as counter:
+        y = model(x, torch.full((batch,), 999, device="meta"), c).sample
+        if train:
+            y.float().sum().backward()
+    return counter.get_total_flops()
+
+
 def step_flops(config, side, batch, student_rank, fake_rank):
     """FLOPs of one step, ours and the authors' design, counted on the meta device (no gradient checkpointing).
     The designs differ by the hooks' repeated F.linear in every adapted layer of 4 of the 8 UNet passes."""
     from diffusers import UNet2DConditionModel
-    from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
-        hooked = [hook_lorad(unet, r, layers) for r, layers in ((student_rank, wadi.STUDENT_LAYERS), (fake_rank, wadi.FAKE_LAYERS))]
+        hook_s, hook_f = (hook_lorad(unet, r, layers) for r, layers in
+                          ((student_rank, wadi.STUDENT_LAYERS), (fake_rank, wadi.FAKE_LAYERS)))
     student, fake = wadi.share_base(unet, student_rank, wadi.STUDENT_LAYERS), wadi.share_base(unet, fake_rank, wadi.FAKE_LAYERS)
-
-    def flops(model, b, train):
-        x = torch.randn(b, 4, side, side, device="meta")
-        with FlopCounterMode(display=False) as counter:
-            y = model(x, torch.full((b,), 999, device="meta"), torch.randn(b, 77, config["cross_attention_dim"], device="meta")).sample
-            if train:
-                y.sum().backward()
-        return counter.get_total_flops()
-
-    ours = flops(student, batch, True) + flops(unet, 2 * batch, False) + flops(fake, 2 * batch, False) + flops(fake, batch, True)
-    theirs = (flops(hooked[0], batch, True) + 2 * flops(unet, batch, False) + 2 * flops(hooked[1], batch, False)
-              + flops(hooked[1], batch, True))
+    ours = (meta_flops(student, batch, side, True) + meta_flops(unet, 2 * batch, side)  # CFG batched: 2 calls
+            + meta_flops(fake, 2 * batch, side) + meta_flops(fake, batch, side, True))
+    theirs = (meta_flops(hook_s, batch, side, True) + 2 * meta_flops(unet, batch, side)  # CFG: 4 calls
+              + 2 * meta_flops(hook_f, batch, side) + meta_flops(hook_f, batch, side, True))
     return ours, theirs
 
 
@@ -295,7 +299,6 @@ def bench_step(args):
 
 def bench_sd15(args):
     from diffusers import UNet2DConditionModel
-    from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPTextConfig, CLIPTextModel
     from test_lorad import SD15
     torch.manual_seed(0)
@@ -323,19 +326,10 @@ def bench_sd15(args):
     student = wadi.share_base(unet, 256, wadi.STUDENT_LAYERS)
     fake = wadi.share_base(unet, 32, wadi.FAKE_LAYERS)
 
-    def flops(fn):
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        return counter.get_total_flops()
-
-    def batch(b):
-        meta = dict(device="meta", dtype=torch.bfloat16)
-        return torch.randn(b, 4, 64, 64, **meta), torch.full((b,), 999, device="meta"), torch.randn(b, 77, 768, **meta)
-
-    fwd = flops(lambda: unet(*batch(B)).sample)
-    guided = flops(lambda: unet(*batch(2 * B)).sample)  # cond + uncond in one call
-    train_s = flops(lambda: student(*batch(B)).sample.float().sum().backward())
-    train_f = flops(lambda: fake(*batch(B)).sample.float().sum().backward())
+    fwd = meta_flops(unet, B, 64)
+    guided = meta_flops(unet, 2 * B, 64)  # cond + uncond in one call
+    train_s = meta_flops(student, B, 64, train=True)
+    train_f = meta_flops(fake, B, 64, train=True)
     step = train_s + 2 * guided + train_f + 2 * fwd  # + 2 forwards recomputed by gradient checkpointing
     n_s, n_f = sum(p.numel() for p in wadi.adapters(student)), sum(p.numel() for p in wadi.adapters(fake))
     static = sum(p.numel() for p in unet.parameters()) * 2 + (n_s + n_f) * 4 * 4  # bf16 base; fp32 angles+grad+Adam

@@ -650,7 +650,6 @@ def test_toy_scores_closed_form():
     import bench
     modes = bench.toy_modes(1)
     assert modes.square().mean().item() == pytest.approx(1.0)  # unit variance, as SD latents
-    P, M = modes.shape[:2]
     exact = modes.repeat(1, 2, 1, 1, 1)  # every prompt's own modes, twice
     s = bench.toy_scores(exact, modes)
     assert (s["precision"], s["coverage"], s["adherence"]) == (1.0, 1.0, 1.0)
