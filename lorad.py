@@ -138,14 +138,45 @@ def _set_submodule(model, name, module):
     setattr(model.get_submodule(parent), child, module)
 
 
+def _no_match_message(model, include, exclude):
+    """Why add_lorad found nothing to adapt. A model with nothing trainable would train without an error
+    and learn nothing, so this must be loud, and say what the model has instead."""
+    msg = f"add_lorad matched no nn.Linear with include={include!r}, exclude={exclude!r}: nothing would train"
+    linears = [name for name, m in model.named_modules() if type(m) is nn.Linear]
+    if linears:
+        msg += f". The model's nn.Linear ({len(linears)}): {', '.join(map(repr, linears[:3]))}"
+        msg += ", ..." if len(linears) > 3 else ""
+    else:
+        msg += ". The model has no nn.Linear"
+    # Linear-like layers of other types: a 2-D weight that is not an embedding table. Duck-typed, so that
+    # this file needs torch alone: transformers' Conv1D, nn.Linear subclasses (quantized layers, adapters).
+    others = {}
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if (type(m) is not nn.Linear and isinstance(w, torch.Tensor) and w.dim() == 2
+                and not isinstance(m, (nn.Embedding, nn.EmbeddingBag))):
+            others.setdefault(type(m).__name__, []).append(name)
+    if others:
+        found = ", ".join(f"{k} x{len(v)} (e.g. {v[0]!r})" for k, v in others.items())
+        msg += (f". Linear-like layers of other types, which LoRaD does not adapt: {found}. LoRaD adapts"
+                " exact nn.Linear only, whose forward (x W^T + b, W out x in) it replaces and gives back on merge")
+    if "Conv1D" in others:
+        msg += (". transformers' Conv1D (GPT-2 and kin) is not supported: it stores its weight transposed,"
+                " (in, out), and merging into an nn.Linear would change the checkpoint's weight shapes")
+    return msg
+
+
 def add_lorad(model, rank, include=("",), exclude=()):
     """Turn, in place, every nn.Linear whose qualified name contains an `include` substring and no
-    `exclude` substring into a LoRaDLinear; freeze everything else. Returns the converted names.
+    `exclude` substring into a LoRaDLinear; freeze everything else. Returns the converted names; if
+    there are none, raises ValueError rather than leaving a model with nothing to train.
     Works on a model built under torch.device("meta") (for counting parameters without weights)."""
     if _lorad_modules(model):
         raise ValueError("model already has LoRaD adapters: merge_lorad() it first, or build a fresh copy")
     names = [name for name, m in model.named_modules()
              if type(m) is nn.Linear and any(s in name for s in include) and not any(s in name for s in exclude)]
+    if not names:
+        raise ValueError(_no_match_message(model, include, exclude))
     for name in names:  # check every layer before changing any: no half-converted model on error
         if model.get_submodule(name).in_features % 2:
             raise ValueError(f"LoRaD needs an even in_features: {name} has {model.get_submodule(name).in_features}")

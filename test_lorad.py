@@ -232,6 +232,29 @@ def test_add_lorad_selects_freezes_and_refuses_to_stack():
         add_lorad(model, 2)
 
 
+def test_no_match_is_a_clear_error():
+    """A selection that adapts nothing raises (training would silently learn nothing), names the filters and
+    what the model has instead, and changes nothing. GPT-2's projections are transformers' Conv1D."""
+    from transformers import GPT2Config, GPT2Model
+    config = GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32, n_positions=8, bos_token_id=0, eos_token_id=0)
+    cases = [  # (model, filters, what the message must say, what it must not)
+        (GPT2Model(config), {}, ["include=('',), exclude=()", "has no nn.Linear", "Conv1D x4 (e.g. 'h.0.attn.c_attn')",
+                                 "Conv1D (GPT-2 and kin) is not supported", "transposed"], []),
+        (tiny_model(), dict(include=("q_proj",), exclude=("v_proj",)),
+         ["include=('q_proj',), exclude=('v_proj',)", "nn.Linear (4): 'down_blocks.0', 'down_blocks.2', 'proj_in', ..."],
+         ["Linear-like", "Conv1D"]),  # the Conv1d (3-D weight) is not Linear-like
+        (nn.Sequential(nn.Embedding(4, 8), nn.MultiheadAttention(8, 2)), {},
+         ["has no nn.Linear", "NonDynamicallyQuantizableLinear x1 (e.g. '1.out_proj')"], ["Embedding", "Conv1D"]),
+    ]
+    for model, filters, says, not_says in cases:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match="^add_lorad matched no nn.Linear with include=") as e:
+            add_lorad(model, 2, **filters)
+        assert all(s in str(e.value) for s in says) and not any(s in str(e.value) for s in not_says), str(e.value)
+        assert all(p.requires_grad for p in model.parameters())  # not frozen: nothing happened
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_merge_gives_stock_linear_with_same_outputs():
     model = tiny_model()
     stock_keys = list(model.state_dict().keys())
