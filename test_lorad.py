@@ -329,18 +329,58 @@ def test_paper_parameter_counts(arch, adapter, rank, layers, expected, paper):
     assert f"{expected / 1e6:.2f}M" == paper
 
 
-def test_readme_usage_example(tmp_path, monkeypatch):
-    """The README's LoRaD example runs as written and does what its comments say."""
+def readme_python_blocks():
     import os
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8") as f:
-        blocks = [b.split("```", 1)[0] for b in f.read().split("```python\n")[1:]]
-    example = [b for b in blocks if "add_lorad" in b][0]
+        return [b.split("```", 1)[0] for b in f.read().split("```python\n")[1:]]
+
+
+def test_readme_usage_example(tmp_path, monkeypatch):
+    """The README's LoRaD example runs as written and does what its comments say."""
+    example = [b for b in readme_python_blocks() if "add_lorad" in b][0]
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(compile(example, "README.md", "exec"), scope)
     assert scope["names"] == ["0", "2"]
     assert list(torch.load("adapter.pt")) == ["0.theta_a", "0.theta_b", "2.theta_a", "2.theta_b"]
     assert list(scope["model"].state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+def test_readme_transformers_llama(tmp_path, monkeypatch):
+    """The README's LLaMA example as written: LoRaD on every attention and MLP projection (by include=), the loss
+    falls, merge, save_pretrained, and stock from_pretrained loads a checkpoint without LoRaD keys that gives the
+    same logits; against the same random init, the adapted layers' rows are rotated (norms kept) and nothing else
+    changed."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+    example = [b for b in readme_python_blocks() if "LlamaForCausalLM" in b][0]
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)  # the example's model is its first use of the global RNG: rebuilt below, same init
+    scope = {}
+    exec(compile(example, "README.md", "exec"), scope)
+    config, ids, losses, names = scope["config"], scope["ids"], scope["losses"], scope["names"]
+    projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    assert names == [f"model.layers.{i}.{p}" for i in range(config.num_hidden_layers) for p in projections]
+    assert losses[-1] < 0.75 * losses[0], losses
+
+    reloaded, info = LlamaForCausalLM.from_pretrained(tmp_path / "tiny-llama-lorad", output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    saved = load_file(tmp_path / "tiny-llama-lorad" / "model.safetensors")
+    assert sorted(saved) == sorted(base.state_dict())  # the stock keys, no theta_a / theta_b
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, scope["logits"], rtol=1e-5, atol=1e-5)
+        assert reloaded(input_ids=ids, labels=ids).loss < 0.75 * losses[0]  # the training is in the checkpoint
+    adapted = {f"{n}.weight" for n in names}
+    for key, w0 in base.state_dict().items():
+        w1 = saved[key]
+        if key in adapted:
+            torch.testing.assert_close(w1.norm(dim=1), w0.norm(dim=1), rtol=1e-5, atol=0)
+            assert weight_change(w0, w1)[1] > 1e-3, key  # direction changed
+        else:
+            assert torch.equal(w1, w0), key
 
 
 if __name__ == "__main__":
