@@ -383,6 +383,60 @@ def test_readme_transformers_llama(tmp_path, monkeypatch):
             assert torch.equal(w1, w0), key
 
 
+def test_readme_dreambooth_finetuning(tmp_path, monkeypatch):
+    """The README's DreamBooth-style recipe, lorad.py alone in a plain diffusers loop, on the tiny SD-shaped pipeline
+    (64 px, 30 steps, a larger lr for a random UNet): the denoising loss (eq. 1) on a fixed draw of noise and
+    timesteps falls, and the saved folder is a stock pipeline whose UNet differs from the base only by rotated rows."""
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+    from safetensors.torch import load_file
+    from wadi import build_tiny_pipeline  # a tiny SD-shaped pipeline folder, offline; the recipe knows nothing of wadi
+    recipe = [b for b in readme_python_blocks() if "sks dog" in b][0]
+    knobs = "resolution, steps, lr, rank = 512, 400, 1e-4, 64"
+    assert knobs in recipe and '"my-dog/*.jpg"' in recipe
+    recipe = recipe.replace(knobs, "resolution, steps, lr, rank = 64, 30, 1e-2, 8")
+    recipe = recipe.replace('"stable-diffusion-v1-5/stable-diffusion-v1-5"', repr(str(tmp_path / "sd")))
+    build_tiny_pipeline(str(tmp_path / "sd"))
+    # the subject: a red disk at four places on a noisy grey background
+    (tmp_path / "my-dog").mkdir()
+    yy, xx = np.mgrid[:64, :64]
+    for i in range(4):
+        photo = np.random.default_rng(i).integers(110, 150, (64, 64, 3), dtype=np.uint8)
+        photo[(yy - 20 - 6 * i) ** 2 + (xx - 40 + 5 * i) ** 2 < 100] = (200, 60, 40)
+        Image.fromarray(photo).save(tmp_path / "my-dog" / f"{i}.jpg")
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    scope = {}
+    exec(compile(recipe, "README.md", "exec"), scope)
+    latents, emb, scheduler, names = scope["latents"], scope["emb"], scope["scheduler"], scope["names"]
+
+    base = StableDiffusionPipeline.from_pretrained(tmp_path / "sd").unet
+    tuned = StableDiffusionPipeline.from_pretrained(tmp_path / "sks-dog")  # stock diffusers, no lorad.py
+    g = torch.Generator().manual_seed(0)
+    noise, t = torch.randn(latents.shape, generator=g), torch.linspace(50, 950, len(latents)).long()
+
+    def denoising_loss(unet):  # eq. 1 on one fixed draw: the training loop's own losses are too noisy to compare
+        with torch.no_grad():
+            return F.mse_loss(unet(scheduler.add_noise(latents, noise, t), t, emb).sample, noise).item()
+    before, after = denoising_loss(base), denoising_loss(tuned.unet)
+    print(f"DreamBooth-style, eq. 1 on a fixed draw: {before:.4f} -> {after:.4f}")
+    assert after < 0.9 * before, (before, after)
+
+    saved = load_file(tmp_path / "sks-dog" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert sorted(saved) == sorted(base.state_dict())  # stock keys, no theta_a / theta_b
+    adapted = {f"{n}.weight" for n in names}
+    assert adapted == {f"{n}.weight" for n, m in base.named_modules()
+                       if type(m) is nn.Linear and n.startswith(("down_blocks", "mid_block", "up_blocks"))}
+    for key, w0 in base.state_dict().items():
+        if key in adapted:
+            torch.testing.assert_close(saved[key].norm(dim=1), w0.norm(dim=1), rtol=1e-5, atol=0)
+        else:
+            assert torch.equal(saved[key], w0), key
+    image = tuned("a photo of sks dog", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
 if __name__ == "__main__":
     print("| model | adapter | targets | rank | layers | trainable |")
     print("|---|---|---|---|---|---|")
