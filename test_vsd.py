@@ -507,6 +507,74 @@ def test_exported_pipeline_reproduces_the_generator(full_run, tiny):
     assert (ours - teacher).abs().max() > 100 * tol  # the adapters matter at this tolerance
 
 
+def test_readme_controlnet_in_one_step(full_run, tiny, tmp_path):
+    """The README's ControlNet recipe on the exported pipeline, with a tiny ControlNet made from its UNet (the zero
+    convolutions given random weights, as a trained ControlNet's are): one ControlNet and one UNet call, both at
+    t = 999, and the latents are the trainer's x0 formula with the ControlNet's residuals in the UNet call. Prints
+    the one-step pipeline's time against the multi-step one (the tiny teacher, 25 steps, CFG 7.5)."""
+    import time
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(full_run / "pipeline", subfolder="unet"))
+    with torch.no_grad():
+        for zero_conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            zero_conv.weight.copy_(0.1 * torch.randn(zero_conv.weight.shape, generator=g))
+    controlnet.save_pretrained(tmp_path / "controlnet")
+    edges = torch.rand(64, 64, generator=g) > 0.9  # sparse white pixels on black, like an edge map
+    Image.fromarray(edges.numpy().astype("uint8") * 255).convert("RGB").save(tmp_path / "edges.png")
+    snippet = [b for b in readme_blocks("python") if "StableDiffusionControlNetPipeline" in b][0]
+    for old, new in [('"lllyasviel/sd-controlnet-canny"', tmp_path / "controlnet"),
+                     ('"wadi-out/pipeline"', full_run / "pipeline"), ('"edges.png"', tmp_path / "edges.png"),
+                     ('"shiba-edges.png"', tmp_path / "shiba-edges.png")]:
+        assert old in snippet
+        snippet = snippet.replace(old, repr(str(new)))
+    scope = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    assert Image.open(tmp_path / "shiba-edges.png").size == (64, 64)
+
+    pipe = scope["pipe"]
+    pipe.set_progress_bar_config(disable=True)
+    calls = []  # (model, timestep) of every call the pipeline makes
+    hooks = [getattr(pipe, name).register_forward_pre_hook(
+        lambda m, args, kwargs, name=name: calls.append((name, int(args[1]))), with_kwargs=True)
+        for name in ("controlnet", "unet")]
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    emb = torch.randn(1, 77, 32, generator=g)  # any text embedding: the pipeline passes prompt_embeds through
+    with torch.no_grad():
+        theirs = pipe(prompt_embeds=emb, image=scope["edges"], latents=z.clone(), num_inference_steps=1,
+                      guidance_scale=0, output_type="latent").images
+    for hook in hooks:
+        hook.remove()
+    assert calls == [("controlnet", 999), ("unet", 999)]
+    cond = edges.float().expand(1, 3, 64, 64)  # the control image in [0, 1], as ControlNet takes it
+    with torch.no_grad():
+        down, mid = pipe.controlnet(z, 999, encoder_hidden_states=emb, controlnet_cond=cond, return_dict=False)
+
+        def controlled_unet(x, t, e):
+            return pipe.unet(x, t, e, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        ours = wadi.one_step(controlled_unet, z, emb, abar_closed_form().float())
+        uncontrolled = wadi.one_step(pipe.unet, z, emb, abar_closed_form().float())
+    tol = 1e-5 * ours.abs().max().item()
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=tol)
+    assert (ours - uncontrolled).abs().max() > 100 * tol  # the ControlNet's residuals matter at this tolerance
+
+    # the paper's -86% is a time ratio: whole pipeline calls (text encoder, steps, VAE decode), median of 3
+    teacher = StableDiffusionControlNetPipeline.from_pretrained(tiny, controlnet=pipe.controlnet)
+    teacher.set_progress_bar_config(disable=True)
+
+    def seconds(p, **kwargs):
+        times = []
+        for _ in range(4):  # the first is a warm-up
+            start = time.perf_counter()
+            p("a red fox", image=scope["edges"], generator=torch.Generator().manual_seed(0), **kwargs)
+            times.append(time.perf_counter() - start)
+        return sorted(times[1:])[1]
+    one, many = seconds(pipe, num_inference_steps=1, guidance_scale=0), seconds(teacher, num_inference_steps=25)
+    print(f"\nControlNet pipeline, tiny model, 64 px, CPU: 1 step {one * 1e3:.1f} ms, 25 steps with CFG 7.5 "
+          f"{many * 1e3:.1f} ms: {100 * (one / many - 1):+.0f}% time (paper, SD1.5: -86%)")
+
+
 # -----------------------------------------------------------------------------
 # bad inputs (issue item 8): one line on stderr, non-zero exit, nothing written
 
