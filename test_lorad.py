@@ -1,4 +1,5 @@
-"""Tests for lorad.py: the fast path against the paper's equations, plain autograd and the paper's tables.
+"""Tests for lorad.py: the fast path against the paper's equations, plain autograd and the paper's tables, and
+lorad.py used alone in transformers and diffusers models (the README's examples, run as written).
 
     python -m pytest -q test_lorad.py      # the tests
     python test_lorad.py                   # prints the README's parameter-count table
@@ -420,7 +421,7 @@ def test_readme_dreambooth_finetuning(tmp_path, monkeypatch):
         with torch.no_grad():
             return F.mse_loss(unet(scheduler.add_noise(latents, noise, t), t, emb).sample, noise).item()
     before, after = denoising_loss(base), denoising_loss(tuned.unet)
-    print(f"DreamBooth-style, eq. 1 on a fixed draw: {before:.4f} -> {after:.4f}")
+    print(f"\nDreamBooth-style, eq. 1 on a fixed draw: {before:.4f} -> {after:.4f}")
     assert after < 0.9 * before, (before, after)
 
     saved = load_file(tmp_path / "sks-dog" / "unet" / "diffusion_pytorch_model.safetensors")

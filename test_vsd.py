@@ -540,7 +540,7 @@ def test_readme_controlnet_in_one_step(full_run, tiny, tmp_path):
         lambda m, args, kwargs, name=name: calls.append((name, int(args[1]))), with_kwargs=True)
         for name in ("controlnet", "unet")]
     z = torch.randn(1, 4, 8, 8, generator=g)
-    emb = torch.randn(1, 77, 32, generator=g)  # any text embedding: the pipeline passes prompt_embeds through
+    emb = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)  # any: passed through as it is
     with torch.no_grad():
         theirs = pipe(prompt_embeds=emb, image=scope["edges"], latents=z.clone(), num_inference_steps=1,
                       guidance_scale=0, output_type="latent").images
