@@ -184,7 +184,7 @@ def authors_vsd_loss(run, x0, cond, uncond, t, noise):
     a = run.abar[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0.detach() + (1 - a).sqrt() * noise
     s = run.args.guidance_scale
-    with torch.no_grad():
+    with torch.no_grad(), run.autocast:
         eps = [unet(x_t, t, c).sample.float() for unet in (run.teacher, run.fake) for c in (cond, uncond)]
     grad = torch.nan_to_num((1 - a) * ((eps[1] + s * (eps[0] - eps[1])) - (eps[3] + s * (eps[2] - eps[3]))))
     return 0.5 * F.mse_loss(x0, (x0 - grad).detach())
@@ -374,8 +374,28 @@ def toy_data(modes, prompt, generator):
     return modes[prompt, m] + TOY_NOISE * torch.randn(len(prompt), *modes.shape[2:], generator=generator)
 
 
-def train_toy_teacher(path, modes, steps, batch=32):
-    """The tiny pipeline's UNet trained from scratch with eq. (1) and 10% empty prompts (for CFG)."""
+def toy_exact_eps(x_t, t, prompt, modes, abar):
+    """E[eps | x_t, c]: what an infinitely trained teacher predicts (SPEC §6). For data N(mu_k, s^2 I) with equal
+    weights, x_t | k ~ N(a mu_k, v I) with a = sqrt(abar_t), v = a^2 s^2 + 1 - abar_t, so the posterior over modes is
+    a softmax and eps* = sqrt(1 - abar_t) (x_t - a sum_k w_k mu_k) / v. prompt -1 is the empty prompt: every mode."""
+    P, M = modes.shape[:2]
+    centers = modes.flatten(2).flatten(0, 1)  # (P*M, D)
+    a, var = abar[t].sqrt().view(-1, 1), 1 - abar[t].view(-1, 1)
+    v = a ** 2 * TOY_NOISE ** 2 + var
+    x = x_t.flatten(1)
+    logits = (2 * a * x @ centers.T - a ** 2 * centers.square().sum(1)) / (2 * v)  # -|x - a mu|^2 / 2v, up to a const
+    own = (torch.arange(P * M) // M == prompt[:, None]) | (prompt[:, None] < 0)
+    w = logits.masked_fill(~own, -math.inf).softmax(1)
+    return (var.sqrt() * (x - a * w @ centers) / v).view_as(x_t)
+
+
+def train_toy_teacher(path, modes, steps, target="exact", batch=32):
+    """The tiny pipeline's UNet trained from scratch, with 10% empty prompts (for CFG).
+    target 'exact': regress onto E[eps | x_t, c] (toy_exact_eps) with v-space weights 1/abar_t. The sampled noise of
+    eq. (1) is a target whose variance at t ~ 999 (abar/(1-abar) s^2 per element) is far above the precision the
+    one-step output needs, since x0 = (x_t - sigma eps)/a multiplies every eps error by sigma/a = 14.6; exact targets
+    remove that variance, and 1/abar_t (the error of a v-prediction) makes t ~ 999 count as much as it matters.
+    target 'noise': eq. (1) as SD was trained (unweighted MSE to the sampled noise), the first toy's teacher."""
     wadi.build_tiny_pipeline(path)
     tok, te, vae, unet, sched = wadi.load_pipeline_parts(path, torch.device("cpu"), torch.float32)
     run = argparse.Namespace(tokenizer=tok, text_encoder=te, device=torch.device("cpu"), autocast=contextlib.nullcontext())
@@ -383,19 +403,25 @@ def train_toy_teacher(path, modes, steps, batch=32):
     unet.train().requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)  # to 0: a precise final model
-    g, abar = torch.Generator().manual_seed(0), sched.alphas_cumprod
+    g, abar = torch.Generator().manual_seed(0), sched.alphas_cumprod.float()
     for step in range(steps):
         p = torch.randint(len(TOY_PROMPTS), (batch,), generator=g)
         x0, noise, t = toy_data(modes, p, g), torch.randn(batch, 4, 8, 8, generator=g), torch.randint(0, 1000, (batch,), generator=g)
         a = abar[t].view(-1, 1, 1, 1)
-        c = torch.where((torch.rand(batch, generator=g) < 0.1).view(-1, 1, 1), null, cond[p])
-        loss = F.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, c).sample, noise)
+        drop = torch.rand(batch, generator=g) < 0.1
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        eps = unet(x_t, t, torch.where(drop.view(-1, 1, 1), null, cond[p])).sample
+        if target == "exact":
+            w = 1 / a
+            loss = (w * (eps - toy_exact_eps(x_t, t, torch.where(drop, -1, p), modes, abar)) ** 2).mean() / w.mean()
+        else:
+            loss = F.mse_loss(eps, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         decay.step()
         if step % 500 == 0:
-            print(f"teacher step {step}/{steps} | loss {loss.item():.4f}", flush=True)
+            print(f"teacher step {step}/{steps} | loss {loss.item():.4g}", flush=True)
     unet.save_pretrained(os.path.join(path, "unet"))
 
 
@@ -445,55 +471,119 @@ def toy_scores(samples, modes):
                 off=(err - err @ basis @ basis.T).norm(dim=1).mean().item(), fd=frechet_distance(x, data))
 
 
-def line_plot(path, xs, series, levels, title):
-    """A small PNG line plot with Pillow alone: one coloured line per series, a dashed line per level."""
+TOY_RECIPE = ["--train_batch_size", "16", "--student_rank", "16", "--fake_rank", "4", "--learning_rate", "1e-3"]
+# The paper's recipe (wadi.py's defaults) with ranks and batch scaled down to the tiny UNet, and the student's
+# learning rate at 1e-3: the one knob of the controlled runs that moved the student (README, "Why it was slow").
+
+
+def lorad_from(teacher, path, layers):
+    """The teacher's UNet with the LoRaD angles of a checkpoint file (rank read off theta_a), unmerged."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+    angles = load_file(path)
+    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", low_cpu_mem_usage=False)
+    lorad.add_lorad(unet, next(v for k, v in angles.items() if k.endswith("theta_a")).shape[1], **layers)
+    lorad.load_lorad(unet, angles)
+    return unet.eval()
+
+
+TOY_BUCKETS = [(20, 200), (200, 500), (500, 800), (800, 981)]
+
+
+@torch.no_grad()
+def toy_diagnostics(teacher, ckpt, modes, guidance, previous=None):
+    """Why the student moves or not, at one checkpoint, on 16 fixed noises per prompt. The student's error e is
+    x0 minus the nearest mode of the asked prompt, split into its part in the span of all modes and off it. Per
+    timestep bucket: the size of the VSD gradient g = (1 - abar_t)(eps_real - eps_fake) (eq. 11; the student's x0
+    moves along -g), its cosine with e (> 0: it points the right way), in and off the span; and the fake model's
+    denoising error (eps MSE) on the student's samples against the teacher's on the data: the fake has caught
+    up with the student when the two are alike."""
+    _, te, _, unet, sched = wadi.load_pipeline_parts(teacher, torch.device("cpu"), torch.float32)
+    student = lorad_from(teacher, os.path.join(ckpt, "student_lorad.safetensors"), wadi.STUDENT_LAYERS)
+    fake = lorad_from(teacher, os.path.join(ckpt, "fake_lorad.safetensors"), wadi.FAKE_LAYERS)
+    from transformers import CLIPTokenizer
+    run = argparse.Namespace(tokenizer=CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer"), text_encoder=te,
+                             device=torch.device("cpu"), autocast=contextlib.nullcontext())
+    P, n = len(TOY_PROMPTS), 16
+    cond, null = wadi.encode(run, TOY_PROMPTS).repeat_interleave(n, 0), wadi.encode(run, [""]).expand(P * n, -1, -1)
+    g, abar = torch.Generator().manual_seed(5), sched.alphas_cumprod.float()
+    z = torch.randn(P * n, *modes.shape[2:], generator=g)
+    x0 = wadi.one_step(student, z, cond, abar)
+    centers = modes.flatten(2)  # (P, M, D)
+    asked = torch.arange(P).repeat_interleave(n)
+    x = x0.flatten(1)
+    own = centers[asked]  # (P*n, M, D): the asked prompt's modes
+    e = x - own[torch.arange(P * n), (x[:, None] - own).norm(dim=2).argmin(1)]
+    basis = torch.linalg.qr(centers.flatten(0, 1).T).Q
+    inside = lambda v: v @ basis @ basis.T
+    cos = lambda u, v: F.cosine_similarity(u, v, dim=1).mean().item()
+    row = dict(err_in=inside(e).norm(dim=1).mean().item(), err_off=(e - inside(e)).norm(dim=1).mean().item(),
+               move=None if previous is None else (x - previous).norm(dim=1).mean().item(), x0=x)
+    for lo, hi in TOY_BUCKETS:
+        t = torch.randint(lo, hi, (P * n,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        grad = ((1 - a) * (wadi.guided_eps(unet, a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond, null, guidance)
+                           - wadi.guided_eps(fake, a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond, null, guidance))).flatten(1)
+        data = toy_data(modes, asked, g)
+        row[lo] = dict(g=grad.norm(dim=1).mean().item(), cos=cos(grad, e), cos_in=cos(inside(grad), inside(e)),
+                       cos_off=cos(grad - inside(grad), e - inside(e)),
+                       fake=F.mse_loss(fake(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond).sample, noise).item(),
+                       teacher=F.mse_loss(unet(a.sqrt() * data + (1 - a).sqrt() * noise, t, cond).sample, noise).item())
+    return row
+
+
+def line_plot(path, panels):
+    """A PNG of stacked line plots with Pillow alone. panels: [(title, xs, {name: ys}, {name: level})], one
+    coloured line per series and a dashed line per level."""
     from PIL import Image, ImageDraw
-    W, H, pad = 640, 360, 40
-    top = 1.1 * max(max(max(ys) for ys in series.values()), *levels.values())
-    img = Image.new("RGB", (W, H), "white")
+    W, H, pad = 640, 300, 40
+    img = Image.new("RGB", (W, H * len(panels)), "white")
     d = ImageDraw.Draw(img)
-    X = lambda x: pad + (W - 2 * pad) * x / max(xs)
-    Y = lambda y: H - pad - (H - 2 * pad) * y / top
-    d.rectangle([pad, pad, W - pad, H - pad], outline="black")
-    for y in (0, top / 2, top):
-        d.text((5, Y(y) - 5), f"{y:.1f}", fill="black")
-    d.text((W // 2 - 40, H - pad + 10), f"training step (0..{max(xs)})", fill="black")
-    d.text((pad, 10), title, fill="black")
-    colours = iter(["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"])
-    for i, (name, ys) in enumerate([*series.items(), *levels.items()]):
-        c = next(colours)
-        if name in series:
-            d.line([(X(x), Y(y)) for x, y in zip(xs, ys)], fill=c, width=2)
-        else:
-            for x0 in range(pad, W - pad, 12):
-                d.line([(x0, Y(ys)), (x0 + 6, Y(ys))], fill=c, width=2)
-        d.text((W - pad - 260, pad + 8 + 14 * i), name, fill=c)
+    for k, (title, xs, series, levels) in enumerate(panels):
+        top = 1.1 * max(max(max(ys) for ys in series.values()), *levels.values())
+        X = lambda x: pad + (W - 2 * pad) * x / max(xs)
+        Y = lambda y: k * H + H - pad - (H - 2 * pad) * y / top
+        d.rectangle([pad, k * H + pad, W - pad, k * H + H - pad], outline="black")
+        for y in (0, top / 2, top):
+            d.text((5, Y(y) - 5), f"{y:.1f}", fill="black")
+        d.text((W // 2 - 40, k * H + H - pad + 10), f"training step (0..{max(xs)})", fill="black")
+        d.text((pad, k * H + 10), title, fill="black")
+        colours = iter(["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"])
+        for i, (name, ys) in enumerate([*series.items(), *levels.items()]):
+            c = next(colours)
+            if name in series:
+                d.line([(X(x), Y(y)) for x, y in zip(xs, ys)], fill=c, width=2)
+            else:
+                for x0 in range(pad, W - pad, 12):
+                    d.line([(x0, Y(ys)), (x0 + 6, Y(ys))], fill=c, width=2)
+            d.text((W - pad - 260, k * H + pad + 8 + 14 * i), name, fill=c)
     img.save(path)
 
 
 def bench_toy(args):
-    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from safetensors.torch import load_file
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
     out = os.path.join(args.out, f"toy-seed{args.seed}")
     os.makedirs(out, exist_ok=True)
-    modes, teacher = toy_modes(args.seed), os.path.join(out, "teacher")
+    modes, teacher = toy_modes(args.seed), os.path.join(out, f"teacher-{args.teacher_target}")
     if not os.path.isdir(teacher):  # trained once, then cached
         t0 = time.time()
         shutil.rmtree(teacher + ".tmp", ignore_errors=True)
-        train_toy_teacher(teacher + ".tmp", modes, args.teacher_steps)
+        train_toy_teacher(teacher + ".tmp", modes, args.teacher_steps, args.teacher_target)
         os.rename(teacher + ".tmp", teacher)
         print(f"teacher trained in {(time.time() - t0) / 60:.1f} min")
-    # distillation: wadi.py's own command line, the paper's recipe with ranks and batch scaled down
-    prompts, student = os.path.join(out, "prompts.txt"), os.path.join(out, "wadi")
+    # distillation: wadi.py's own command line
+    prompts, student = os.path.join(out, "prompts.txt"), os.path.join(out, f"wadi-{args.teacher_target}")
     with open(prompts, "w") as f:
         f.write("\n".join(TOY_PROMPTS) + "\n")
     S = args.steps
+    flags = [*TOY_RECIPE, *args.wadi_args]
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "wadi.py"),
            "--pretrained_model_name_or_path", teacher, "--prompts", prompts, "--validation_prompts", *TOY_PROMPTS,
-           "--output_dir", student, "--train_batch_size", "16", "--student_rank", "16", "--fake_rank", "4",
-           "--max_train_steps", str(S), "--checkpointing_steps", str(max(1, S // 10)), "--validation_steps", str(S),
-           *args.wadi_args]
-    done = os.path.join(out, "wadi.json")  # the finished run's command and wall time: rerun only what changed
+           "--output_dir", student, "--max_train_steps", str(S), "--checkpointing_steps", str(max(1, S // 10)),
+           "--validation_steps", str(S), *flags]
+    print("wadi.py flags for the toy:", " ".join(flags))
+    done = student + ".json"  # the finished run's command and wall time: rerun only what changed
     if not os.path.exists(done) or json.load(open(done))["cmd"] != cmd[1:]:
         print(" ".join(cmd[1:]))
         shutil.rmtree(student, ignore_errors=True)
@@ -513,30 +603,48 @@ def bench_toy(args):
     rows["teacher, 25 DDIM steps, CFG 1.5"] = toy_scores(toy_samples(pipe, 25, 1.5, n), modes)
     exported = StableDiffusionPipeline.from_pretrained(os.path.join(student, "pipeline"), low_cpu_mem_usage=False)
     rows[f"wadi student, 1 step ({S} steps, {minutes:.1f} min)"] = toy_scores(toy_samples(exported, 1, 0, n), modes)
-    # the curve: every checkpoint's student, merged into the teacher's UNet
-    curve = {0: rows["teacher, 1 step"]}
-    pipe.scheduler = one_step
-    for ckpt in wadi.list_checkpoints(student):
-        unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", low_cpu_mem_usage=False)
-        lorad.add_lorad(unet, 16, **wadi.STUDENT_LAYERS)
-        lorad.load_lorad(unet, load_file(os.path.join(ckpt, "student_lorad.safetensors")))
-        lorad.merge_lorad(unet)
-        pipe.unet = unet
-        curve[int(ckpt.rsplit("-", 1)[1])] = toy_scores(toy_samples(pipe, 1, 0, n), modes)
     print(f"| {n} samples per prompt | precision | coverage | adherence | mean distance to nearest mode "
           f"(tau = {toy_tau(modes):.2f}) | its part off the modes' span | FD to data |")
     print("|---|---|---|---|---|---|---|")
     for name, s in rows.items():
         print(f"| {name} | {s['precision']:.2f} | {s['coverage']:.2f} | {s['adherence']:.2f} | {s['dist']:.2f} "
               f"| {s['off']:.2f} | {s['fd']:.1f} |")
-    print("\nstudent over training:", " ".join(f"{k}: {v['precision']:.2f}/{v['coverage']:.2f}/{v['adherence']:.2f}"
-                                                for k, v in curve.items()), "(precision/coverage/adherence)")
-    plot = os.path.join(out, "curve.png")
-    line_plot(plot, list(curve), {"student, 1 step": [v["dist"] for v in curve.values()],
-                                  "its part off the modes' span": [v["off"] for v in curve.values()]},
-              {"teacher, 25 steps, CFG 1.5": rows["teacher, 25 DDIM steps, CFG 1.5"]["dist"],
-               "precision threshold tau": toy_tau(modes)},
-              "mean distance of a sample to its nearest mode")
+    goal = rows["teacher, 25 DDIM steps, CFG 1.5"]
+    student_row = list(rows.values())[-1]
+    print("student / 25-step teacher (CFG 1.5): " + ", ".join(
+        f"{k} {student_row[k] / goal[k]:.2f}x" for k in ("precision", "coverage", "adherence")) + " (goal >= 0.9x)")
+    # over training: every checkpoint's student through the pipeline, and the diagnostics of toy_diagnostics
+    curve, diag, previous = {0: rows["teacher, 1 step"]}, {}, None
+    pipe.scheduler = one_step
+    for ckpt in wadi.list_checkpoints(student):
+        step = int(ckpt.rsplit("-", 1)[1])
+        pipe.unet = lorad_from(teacher, os.path.join(ckpt, "student_lorad.safetensors"), wadi.STUDENT_LAYERS)
+        curve[step] = toy_scores(toy_samples(pipe, 1, 0, n), modes)
+        diag[step] = toy_diagnostics(teacher, ckpt, modes, 1.5, previous)
+        previous = diag[step].pop("x0")
+    print(f"\nover training ({n} samples per prompt through the pipeline; diagnostics on 16 fixed noises per prompt; "
+          f"t buckets {', '.join(f'[{lo},{hi})' for lo, hi in TOY_BUCKETS)}):")
+    print("| step | precision / coverage / adherence | distance: in span / off | moved since last | |VSD grad| "
+          "| cos(grad, error) | in span | off span | fake's eps MSE on student samples / teacher's on data |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    per_bucket = lambda d, f: " ".join(f(d[lo]) for lo, _ in TOY_BUCKETS)
+    for step, d in diag.items():
+        c, moved = curve[step], "-" if d["move"] is None else f"{d['move']:.2f}"
+        print(f"| {step} | {c['precision']:.2f} / {c['coverage']:.2f} / {c['adherence']:.2f} "
+              f"| {c['dist']:.2f}: {d['err_in']:.2f} / {d['err_off']:.2f} | {moved} "
+              f"| {per_bucket(d, lambda b: format(b['g'], '.3f'))} | {per_bucket(d, lambda b: format(b['cos'], '.2f'))} "
+              f"| {per_bucket(d, lambda b: format(b['cos_in'], '.2f'))} | {per_bucket(d, lambda b: format(b['cos_off'], '.2f'))} "
+              f"| {per_bucket(d, lambda b: format(b['fake'], '.3f') + '/' + format(b['teacher'], '.3f'))} |")
+    plot = os.path.join(out, f"curve-{args.teacher_target}.png")
+    steps = list(curve)
+    line_plot(plot, [
+        ("precision of the one-step student (share of samples within tau of a mode)", steps,
+         {"student, 1 step": [v["precision"] for v in curve.values()]},
+         {"25-step teacher, CFG 1.5": goal["precision"], "0.9x of it (goal)": 0.9 * goal["precision"]}),
+        ("mean distance of a sample to its nearest mode", steps,
+         {"student, 1 step": [v["dist"] for v in curve.values()],
+          "its part off the modes' span": [v["off"] for v in curve.values()]},
+         {"25-step teacher, CFG 1.5": goal["dist"], "precision threshold tau": toy_tau(modes)})])
     print(f"plot: {plot}")
 
 
@@ -571,8 +679,10 @@ if __name__ == "__main__":
     p.add_argument("--mfu", type=float, default=0.4, help="assumed share of the peak reached")
     p = sub.add_parser("toy", help="distill a toy teacher with wadi.py and score it against the known modes")
     p.add_argument("--seed", type=int, default=0, help="which toy (modes); the teacher is trained once per seed")
-    p.add_argument("--teacher_steps", type=int, default=2500)
-    p.add_argument("--steps", type=int, default=4000, help="wadi.py steps (~27 CPU-minutes)")
+    p.add_argument("--teacher_steps", type=int, default=4000)
+    p.add_argument("--teacher_target", choices=["exact", "noise"], default="exact",
+                   help="exact: E[eps | x_t, c] with v-space weights; noise: eq. (1), the first toy's teacher")
+    p.add_argument("--steps", type=int, default=4000, help="wadi.py steps")
     p.add_argument("--samples", type=int, default=64, help="per prompt")
     p.add_argument("--out", default="bench-out")
     p.add_argument("wadi_args", nargs="*", help="more wadi.py flags, after --")

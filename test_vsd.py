@@ -738,3 +738,47 @@ def test_toy_scores_closed_form():
     mu = torch.arange(8.0) / 4
     assert bench.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
     assert bench.frechet_distance(a, a + mu) == pytest.approx(mu.square().sum().item(), rel=1e-6)
+
+
+def test_toy_exact_eps_is_tweedie():
+    """The toy teacher's regression target against Tweedie's formula eps* = -sigma grad log p_t(x_t), with
+    p_t the noised mixture's density written out (logsumexp of Gaussians) and differentiated by autograd in
+    fp64: a prompt's own modes, and every mode for the empty prompt (-1)."""
+    import bench
+    modes = bench.toy_modes(2).double()
+    abar = abar_closed_form()
+    t = torch.tensor([0, 150, 500, 900, 999, 999, 700])
+    prompt = torch.tensor([0, 1, 2, 3, 0, -1, -1])
+    x = (3 * torch.randn(len(t), *modes.shape[2:], generator=torch.Generator().manual_seed(0))).double()
+    x.requires_grad_(True)
+    a, var = abar[t].sqrt().view(-1, 1), 1 - abar[t].view(-1, 1)
+    v = a ** 2 * bench.TOY_NOISE ** 2 + var
+    centers = modes.flatten(2)
+    log_p = 0
+    for i, p in enumerate(prompt.tolist()):
+        mus = centers.flatten(0, 1) if p < 0 else centers[p]
+        sq = (x[i].flatten() - a[i] * mus).square().sum(1)
+        log_p = log_p + torch.logsumexp(-sq / (2 * v[i]), 0)  # equal weights; constants drop out of the gradient
+    (score,) = torch.autograd.grad(log_p, x)
+    tweedie = -var.sqrt().view(-1, 1, 1, 1) * score
+    ours = bench.toy_exact_eps(x.detach(), t, prompt, modes, abar)
+    assert torch.allclose(ours, tweedie, atol=1e-9, rtol=1e-7)
+
+
+def test_toy_diagnostics_vsd_gradient(full_run, tiny, tmp_path):
+    """bench.py toy's per-checkpoint diagnostics read a real checkpoint: the VSD gradient (eq. 11) is non-zero
+    after training, and exactly zero when the fake's angles are put back to their init (fake == teacher)."""
+    import bench
+    from safetensors.torch import load_file, save_file
+    modes, ckpt = bench.toy_modes(0), wadi.list_checkpoints(full_run)[-1]
+    trained = bench.toy_diagnostics(tiny, ckpt, modes, 1.5)
+    assert all(trained[lo]["g"] > 0 and math.isfinite(trained[lo]["cos"]) for lo, _ in bench.TOY_BUCKETS)
+    assert trained["err_in"] > 0 and trained["err_off"] > 0
+    reset = tmp_path / "ckpt"
+    shutil.copytree(ckpt, reset)
+    fake = load_file(reset / "fake_lorad.safetensors")
+    save_file({k: torch.zeros_like(v) if k.endswith("theta_a") else v for k, v in fake.items()},
+              reset / "fake_lorad.safetensors")
+    same = bench.toy_diagnostics(tiny, str(reset), modes, 1.5, previous=trained["x0"])
+    assert all(same[lo]["g"] == 0 for lo, _ in bench.TOY_BUCKETS)
+    assert same["move"] == 0 and same["err_in"] == trained["err_in"]  # the student is the same checkpoint's
