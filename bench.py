@@ -28,6 +28,27 @@ import lorad
 import wadi
 
 # -----------------------------------------------------------------------------
+# the real architectures, from their config.json files (non-default fields only): the tests and benchmarks build
+# them on the meta device, on fake tensors or with random weights, nothing to download
+
+SD15 = dict(  # stable-diffusion-v1-5 unet/: 859.52M parameters
+    sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
+SD21 = dict(SD15, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+            use_linear_projection=True)  # stable-diffusion-2-1 unet/ (768 px): 865.91M; -base is sample_size 64
+SD15_TEXT = dict(  # CLIP ViT-L/14's text tower (CLIPTextConfig): 123.06M
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
+    max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu")
+SD21_TEXT = dict(SD15_TEXT, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                 projection_dim=512, hidden_act="gelu")  # OpenCLIP ViT-H/14's text tower, 23 of 24 layers: 340.39M
+SD_VAE = dict(  # vae/ of both (AutoencoderKL): 83.65M
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+SD_SCHEDULE = dict(  # scheduler/ of SD1.5 and SD2.1-base (epsilon prediction), as a DDPMScheduler
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
+
+# -----------------------------------------------------------------------------
 # shared helpers
 
 
@@ -287,7 +308,6 @@ def bench_step(args):
                   f"| {flops[d] / 1e9:.1f} ({theirs / flops[d]:.3f}x) "
                   f"| {max(r['rss'] for r in rs) / 2**20:.0f} MiB | {rs[0]['param_bytes'] / 2**20:.1f} MiB "
                   f"({rs[0]['param_bytes'] / res['ours'][0]['param_bytes']:.2f}x) |")
-    from test_lorad import SD15
     ours, theirs = step_flops(SD15, 64, 16, 256, 32)
     print(f"\nThe paper's setting, counted on the meta device (SD1.5, 512 px, batch 16, ranks 256/32): ours "
           f"{ours / 1e12:.0f} TFLOP/step, the authors' design {theirs / 1e12:.0f} ({theirs / ours:.3f}x)")
@@ -300,13 +320,10 @@ def bench_step(args):
 def bench_sd15(args):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    from test_lorad import SD15
     torch.manual_seed(0)
     t0 = time.perf_counter()
     unet = UNet2DConditionModel(**SD15).requires_grad_(False)  # random weights, SD1.5's shapes
-    text_encoder = CLIPTextModel(CLIPTextConfig(  # SD1.5's CLIP ViT-L/14 text tower
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, vocab_size=49408, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
     run = memory_run(unet, text_encoder.requires_grad_(False), 32, 1, 256, 32)  # 256 px, batch 1
     built = time.perf_counter() - t0
     times = []
