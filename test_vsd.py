@@ -514,6 +514,8 @@ def test_exported_pipeline_reproduces_the_generator(full_run, tiny):
 def snapshot(path):
     if not path.exists():
         return None
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
             for p in sorted(path.rglob("*"))}
 
@@ -550,6 +552,20 @@ def bad_input(case, tmp, tiny):
         return args + ["--fake_rank", "-1"], out
     if case == "resume_missing":
         return args + ["--resume_from_checkpoint", str(tmp / "checkpoint-7")], out
+    if case == "output_dir_is_a_file":
+        out.write_text("notes\n")
+        return args, out
+    if case == "output_dir_below_a_file":
+        out.write_text("notes\n")
+        return args + ["--output_dir", str(out / "run")], out
+    flag, value = {"learning_rate_negative": ("--learning_rate", "-1"), "learning_rate_inf": ("--learning_rate", "inf"),
+                   "fake_learning_rate_negative": ("--fake_learning_rate", "-1"),
+                   "guidance_scale_nan": ("--guidance_scale", "nan"),
+                   "guidance_scale_negative": ("--guidance_scale", "-1"),
+                   "ema_decay_nan": ("--ema_decay", "nan"), "seed_beyond_64_bits": ("--seed", str(2**64)),
+                   }.get(case, (None, None))
+    if flag:
+        return args + [flag, value], out
     if case == "output_dir_has_checkpoints":
         (out / "checkpoint-2").mkdir(parents=True)
         (out / "checkpoint-2" / "state.pt").write_bytes(b"another run")
@@ -560,7 +576,9 @@ def bad_input(case, tmp, tiny):
 
 BAD_INPUTS = ["missing_prompts", "empty_prompts", "non_utf8_prompts", "model_path_missing", "model_not_diffusers",
               "v_prediction", "resolution_not_multiple_of_8", "student_rank_0", "fake_rank_negative", "resume_missing",
-              "output_dir_has_checkpoints"]
+              "output_dir_has_checkpoints", "output_dir_is_a_file", "output_dir_below_a_file", "learning_rate_negative",
+              "learning_rate_inf", "fake_learning_rate_negative", "guidance_scale_nan", "guidance_scale_negative",
+              "ema_decay_nan", "seed_beyond_64_bits"]
 
 
 def assert_one_error_line(code, err):
@@ -581,6 +599,17 @@ def test_bad_input_in_process(case, tmp_path, tiny, monkeypatch, capsys):
         runpy.run_path(WADI, run_name="__main__")
     assert_one_error_line(e.value.code, capsys.readouterr().err)
     assert snapshot(out) == before
+
+
+def test_rank_above_min_out_in_half_is_reported(tmp_path):
+    """theta (out x in/2) has rank at most min(out, in/2): a larger rank is trained as asked (the paper's own recipe has
+    such layers) and reported in one line. The tiny UNet's 48 student layers reach min(out, in/2) >= 64 only in its
+    six 64-channel layers fed by 128 or 256 features (time_emb_proj, the mid block's ff.net.2)."""
+    run = make_run(tmp_path, "--student_rank", "64", "--fake_rank", "4")
+    assert sum(p.numel() for p in run.student_params) == 297_984  # what the note calls 0.30M angles
+    assert run.rank_note == ("a rank above a layer's min(out, in/2) adds angles, not expressivity: --student_rank 64 "
+                             "in 42 of 48 layers (0.30M angles; 0.14M at rank min(r, out, in/2) reach the same)")
+    assert make_run(tmp_path, "--student_rank", "16", "--fake_rank", "4").rank_note is None  # 16 = the smallest
 
 
 @pytest.mark.parametrize("case", ["missing_prompts", "v_prediction"])
@@ -611,6 +640,8 @@ def test_readme_quick_start_and_sampling_snippet(tmp_path):
     quick[quick.index("--output_dir") + 1] = str(tmp_path / "wadi-tiny")
     r = subprocess.run([sys.executable, *quick[1:]], capture_output=True, text=True, timeout=TIMEOUT, cwd=HERE)
     assert r.returncode == 0, r.stderr[-3000:]
+    notes = [line for line in r.stdout.splitlines() if line.startswith("wadi: note:")]  # the default ranks 256/32
+    assert len(notes) == 1 and "--student_rank 256 in 48 of 48 layers" in notes[0], r.stdout[-3000:]  # on tiny layers
     steps = int(quick[quick.index("--max_train_steps") + 1])
     assert (tmp_path / "wadi-tiny" / "samples" / f"step-{steps:06d}.png").exists()  # where the README says
     snippet = [b for b in readme_blocks("python") if "StableDiffusionPipeline.from_pretrained" in b][0]
