@@ -1,9 +1,10 @@
 """
-Benchmarks, on CPU, fp32 (not tests: each prints a table for the README).
+Benchmarks, run on the CPU (not tests: each prints a table or a line for the README).
 
     python bench.py layer   # one adapted layer: time and saved memory, full fine-tuning vs LoRaD three ways
     python bench.py step    # one WaDi step: wadi.py's design vs the authors' (three UNets, hooks, 4 CFG calls)
-    python bench.py sd15    # one step of the real SD1.5 architecture on CPU, and the paper's recipe on paper
+    python bench.py plan    # GPU memory and time per step, counted from wadi's train_step on fake tensors
+    python bench.py sd15    # one step of the real SD1.5 architecture on CPU, and the paper's recipe counted by plan
     python bench.py toy     # distill a toy teacher with wadi.py and score it against its known modes
 """
 import argparse
@@ -462,6 +463,18 @@ def cuda_autocast_norms():
         yield
 
 
+def as_between_steps(run):
+    """Put a fresh run's optimizers in the state they hold between steps: torch.optim's foreach AdamW, its choice
+    for CUDA tensors (the CPU gets a per-tensor loop), with the moments it allocates at its first step."""
+    for params, opt in ((run.student_params, run.opt_s), (run.fake_params, run.opt_f)):
+        for group in opt.param_groups:
+            group["foreach"] = True
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 def count_step(unet_config, text_config, vae_config, argv, as_on_gpu=True, between_steps=False):
     """wadi.setup and one wadi.train_step on fake tensors, counted. argv: wadi.py's flags but --prompts and
     --output_dir. Returns the step's memory timeline (a row of bytes per category after every allocation, from the
@@ -470,68 +483,61 @@ def count_step(unet_config, text_config, vae_config, argv, as_on_gpu=True, betwe
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from torch.utils import flop_counter
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    tmp = tempfile.mkdtemp()
-    with open(os.path.join(tmp, "prompts.txt"), "w") as f:
-        f.write("a prompt\n")
-    args = wadi.parse_args(["--prompts", f.name, "--output_dir", os.path.join(tmp, "out"), *argv])
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
-    tokenizer = CLIPTokenizer.from_pretrained(wadi.resolve_model("tiny"), subfolder="tokenizer")  # pads to 77 too
-    with torch.device("meta"):  # the architectures in the training dtype, as loaded; storages come below
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config)).to(dtype)
-        vae, unet = AutoencoderKL(**vae_config).to(dtype), UNet2DConditionModel(**unet_config).to(dtype)
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    memory = MemoryCount(fake_mode)
-    with fake_mode, memory, cuda_autocast_norms() if as_on_gpu else contextlib.nullcontext():
-        text_encoder, vae, unet = (m.to_empty(device="cpu").requires_grad_(False).eval()
-                                   for m in (text_encoder, vae, unet))
-        run = wadi.setup(args, parts=(tokenizer, text_encoder, vae, unet, DDPMScheduler(**SD_SCHEDULE)))
-        for params, opt in ((run.student_params, run.opt_s), (run.fake_params, run.opt_f)):
-            for group in opt.param_groups:  # torch.optim's choice for CUDA tensors (the CPU gets a per-tensor loop)
-                group["foreach"] = True
-            for p in params:  # the state AdamW holds from its first step on
-                p.grad = torch.zeros_like(p)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        state = [t for opt in (run.opt_s, run.opt_f) for s in opt.state.values() for t in s.values()
-                 if isinstance(t, FakeTensor)]  # not the step counts: they live on the host
-        for category, tensors in ((WEIGHTS, [*unet.parameters(), *unet.buffers()]),
-                                  (FROZEN, [*text_encoder.parameters(), *text_encoder.buffers(), *vae.parameters(),
-                                            *vae.buffers()]),
-                                  (ADAPTERS, [*run.student_params, *run.fake_params, *state,
-                                              *(run.ema_params if run.ema is not None else [])])):
-            for t in tensors:
-                memory.label(t, category)
-        for p in run.student_params + run.fake_params:
-            p.register_post_accumulate_grad_hook(lambda p: memory.label(p.grad, ADAPTERS))
-        # attention runs the CPU's flash kernel: it keeps what CUDA's keeps (q, k, v, the output, an fp32 log-sum-exp
-        # per query) and does the same matmuls, but torch's FLOP formulas know CUDA's alone
-        cpu_flash = {  # given shapes: (q, k, v, ...) and (grad_out, q, k, v, ...)
-            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-                lambda q, k, v, *_, **__: flop_counter.sdpa_flop_count(q, k, v),
-            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-                lambda dout, q, k, v, *_, **__: flop_counter.sdpa_backward_flop_count(dout, q, k, v)}
-        kept = lambda t: memory.label(t, KEPT, only_from=ACTIVATIONS) or t.detach()  # not t: a cycle for outputs
-        gc.collect()
-        gc.disable()  # frees come from reference counts alone, at the same points at every batch size
-        memory.timeline = [tuple(memory.live.values())]
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(kept, lambda t: t), FlopCount(cpu_flash) as flops, \
-                    mock.patch.object(wadi, "draw", memory.on_host(wadi.draw)):
-                wadi.train_step(run, 0)
-            count = dict(timeline=torch.tensor(memory.timeline), flops=flops.flops)
-            if between_steps:
-                memory.timeline = [tuple(memory.live.values())]
-                with mock.patch.object(torch.Tensor, "numpy", lambda t: numpy.zeros(t.shape, numpy.uint8)), \
-                        mock.patch("PIL.Image.Image.save"):
-                    wadi.validate(run, 1)
-                count["validation"] = max(map(sum, memory.timeline))
-                # the export merges the angles into fp32 weights and loads that pipeline (4 bytes a parameter) to
-                # check it, beside the training state
-                count["export"] = sum(memory.timeline[0]) + 4 * sum(
-                    p.numel() for m in (unet, text_encoder, vae) for p in m.parameters())
-        finally:
-            gc.enable()
-    shutil.rmtree(tmp)
+    with tempfile.TemporaryDirectory() as tmp:  # a prompts file for wadi.setup; nothing is written
+        with open(os.path.join(tmp, "prompts.txt"), "w") as f:
+            f.write("a prompt\n")
+        args = wadi.parse_args(["--prompts", f.name, "--output_dir", os.path.join(tmp, "out"), *argv])
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+        tokenizer = CLIPTokenizer.from_pretrained(wadi.resolve_model("tiny"), subfolder="tokenizer")  # pads to 77 too
+        with torch.device("meta"):  # the architectures in the training dtype, as loaded; storages come below
+            text_encoder = CLIPTextModel(CLIPTextConfig(**text_config)).to(dtype)
+            vae, unet = AutoencoderKL(**vae_config).to(dtype), UNet2DConditionModel(**unet_config).to(dtype)
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        memory = MemoryCount(fake_mode)
+        with fake_mode, memory, cuda_autocast_norms() if as_on_gpu else contextlib.nullcontext():
+            text_encoder, vae, unet = (m.to_empty(device="cpu").requires_grad_(False).eval()
+                                       for m in (text_encoder, vae, unet))
+            run = wadi.setup(args, parts=(tokenizer, text_encoder, vae, unet, DDPMScheduler(**SD_SCHEDULE)))
+            as_between_steps(run)
+            state = [t for opt in (run.opt_s, run.opt_f) for s in opt.state.values() for t in s.values()
+                     if isinstance(t, FakeTensor)]  # not the step counts: they live on the host
+            for category, tensors in ((WEIGHTS, [*unet.parameters(), *unet.buffers()]),
+                                      (FROZEN, [*text_encoder.parameters(), *text_encoder.buffers(), *vae.parameters(),
+                                                *vae.buffers()]),
+                                      (ADAPTERS, [*run.student_params, *run.fake_params, *state,
+                                                  *(run.ema_params if run.ema is not None else [])])):
+                for t in tensors:
+                    memory.label(t, category)
+            for p in run.student_params + run.fake_params:
+                p.register_post_accumulate_grad_hook(lambda p: memory.label(p.grad, ADAPTERS))
+            # attention runs the CPU's flash kernel: it keeps what CUDA's keeps (q, k, v, the output, an fp32
+            # log-sum-exp per query) and does the same matmuls, but torch's FLOP formulas know CUDA's alone
+            cpu_flash = {  # given shapes: (q, k, v, ...) and (grad_out, q, k, v, ...)
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                    lambda q, k, v, *_, **__: flop_counter.sdpa_flop_count(q, k, v),
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                    lambda dout, q, k, v, *_, **__: flop_counter.sdpa_backward_flop_count(dout, q, k, v)}
+            kept = lambda t: memory.label(t, KEPT, only_from=ACTIVATIONS) or t.detach()  # not t: a cycle for outputs
+            gc.collect()
+            gc.disable()  # frees come from reference counts alone, at the same points at every batch size
+            memory.timeline = [tuple(memory.live.values())]
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(kept, lambda t: t), FlopCount(cpu_flash) as flops, \
+                        mock.patch.object(wadi, "draw", memory.on_host(wadi.draw)):
+                    wadi.train_step(run, 0)
+                count = dict(timeline=torch.tensor(memory.timeline), flops=flops.flops)
+                if between_steps:
+                    memory.timeline = [tuple(memory.live.values())]
+                    with mock.patch.object(torch.Tensor, "numpy", lambda t: numpy.zeros(t.shape, numpy.uint8)), \
+                            mock.patch("PIL.Image.Image.save"):
+                        wadi.validate(run, 1)
+                    count["validation"] = max(map(sum, memory.timeline))
+                    # the export merges the angles into fp32 weights and loads that pipeline (4 bytes a parameter) to
+                    # check it, beside the training state
+                    count["export"] = sum(memory.timeline[0]) + 4 * sum(
+                        p.numel() for m in (unet, text_encoder, vae) for p in m.parameters())
+            finally:
+                gc.enable()
     return count
 
 
@@ -868,7 +874,7 @@ if __name__ == "__main__":
     p.add_argument("--design", choices=["ours", "authors"])
     for name, default in (("--steps", 5), ("--warmup", 2), ("--student_rank", 16), ("--fake_rank", 4)):
         p.add_argument(name, type=int, default=default)
-    p = sub.add_parser("sd15", help="one step of the real SD1.5 architecture on CPU; the paper's recipe on paper")
+    p = sub.add_parser("sd15", help="one step of the real SD1.5 architecture on CPU; the paper's recipe, counted")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--gpu_tflops", type=float, default=312, help="bf16 dense peak (A100 80GB: 312)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed share of the peak reached")
