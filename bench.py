@@ -583,7 +583,7 @@ def plan_line(count, model, resolution, batch, mixed_precision, checkpointing, w
     """One setting's count (with between_steps) in a line, to hold against a measured max_memory_allocated()."""
     r, seconds = plan_row(count), count["flops"] / (gpu_tflops * 1e12 * mfu)
     return (f"{PLAN_MODELS[model][0]}, {resolution} px, batch {batch}, {mixed_precision}"
-            f"{', gradient checkpointing' if checkpointing else ''}{''.join(' ' + a for a in wadi_args)}: "
+            f"{', gradient checkpointing' if checkpointing else ''}{', ' + ' '.join(wadi_args) if wadi_args else ''}: "
             f"step peak {gib(r['peak'])} GiB = {WEIGHTS} {gib(r[WEIGHTS])} + {ADAPTERS} {gib(r[ADAPTERS])} + {FROZEN} "
             f"{gib(r[FROZEN])} + activations {gib(r['activations at peak'])} (kept for backward: at most "
             f"{gib(r['most_kept'])}); between steps: validation {gib(count['validation'])}, the export at the end "
