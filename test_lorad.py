@@ -12,20 +12,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from bench import SD15, SD21  # the UNet architectures of SD1.5 and SD2.1
 from lorad import (LoRaDLinear, add_lorad, load_lorad, lorad_state_dict, merge_lorad, rotate,
                    rotate_reference, weight_change)
 
 SHAPES = [(1, 2), (3, 4), (7, 10), (16, 32), (33, 64)]  # (out, in)
 STUDENT = dict(include=("down_blocks", "mid_block", "up_blocks"))  # SPEC §2
 FAKE = dict(include=STUDENT["include"], exclude=("proj_in", "proj_out", "time_emb_proj"))
-
-# UNet architectures of SD1.5 and SD2.1 (their unet/config.json, non-default fields only)
-SD15 = dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768, attention_head_dim=8)
-SD21 = dict(SD15, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-            use_linear_projection=True)
 
 
 def rotate_one_block_at_a_time(weight, theta):

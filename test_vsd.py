@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import bench
 import wadi
 from lorad import LoRaDLinear, add_lorad, load_lorad, lorad_state_dict
 
@@ -582,6 +583,8 @@ def test_readme_controlnet_in_one_step(full_run, tiny, tmp_path):
 def snapshot(path):
     if not path.exists():
         return None
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
             for p in sorted(path.rglob("*"))}
 
@@ -618,6 +621,20 @@ def bad_input(case, tmp, tiny):
         return args + ["--fake_rank", "-1"], out
     if case == "resume_missing":
         return args + ["--resume_from_checkpoint", str(tmp / "checkpoint-7")], out
+    if case == "output_dir_is_a_file":
+        out.write_text("notes\n")
+        return args, out
+    if case == "output_dir_below_a_file":
+        out.write_text("notes\n")
+        return args + ["--output_dir", str(out / "run")], out
+    flag, value = {"learning_rate_negative": ("--learning_rate", "-1"), "learning_rate_inf": ("--learning_rate", "inf"),
+                   "fake_learning_rate_negative": ("--fake_learning_rate", "-1"),
+                   "guidance_scale_nan": ("--guidance_scale", "nan"),
+                   "guidance_scale_negative": ("--guidance_scale", "-1"),
+                   "ema_decay_nan": ("--ema_decay", "nan"), "seed_beyond_64_bits": ("--seed", str(2**64)),
+                   }.get(case, (None, None))
+    if flag:
+        return args + [flag, value], out
     if case == "output_dir_has_checkpoints":
         (out / "checkpoint-2").mkdir(parents=True)
         (out / "checkpoint-2" / "state.pt").write_bytes(b"another run")
@@ -628,7 +645,9 @@ def bad_input(case, tmp, tiny):
 
 BAD_INPUTS = ["missing_prompts", "empty_prompts", "non_utf8_prompts", "model_path_missing", "model_not_diffusers",
               "v_prediction", "resolution_not_multiple_of_8", "student_rank_0", "fake_rank_negative", "resume_missing",
-              "output_dir_has_checkpoints"]
+              "output_dir_has_checkpoints", "output_dir_is_a_file", "output_dir_below_a_file", "learning_rate_negative",
+              "learning_rate_inf", "fake_learning_rate_negative", "guidance_scale_nan", "guidance_scale_negative",
+              "ema_decay_nan", "seed_beyond_64_bits"]
 
 
 def assert_one_error_line(code, err):
@@ -649,6 +668,17 @@ def test_bad_input_in_process(case, tmp_path, tiny, monkeypatch, capsys):
         runpy.run_path(WADI, run_name="__main__")
     assert_one_error_line(e.value.code, capsys.readouterr().err)
     assert snapshot(out) == before
+
+
+def test_rank_above_min_out_in_half_is_reported(tmp_path):
+    """theta (out x in/2) has rank at most min(out, in/2): a larger rank is trained as asked (the paper's own recipe has
+    such layers) and reported in one line. The tiny UNet's 48 student layers reach min(out, in/2) >= 64 only in its
+    six 64-channel layers fed by 128 or 256 features (time_emb_proj, the mid block's ff.net.2)."""
+    run = make_run(tmp_path, "--student_rank", "64", "--fake_rank", "4")
+    assert sum(p.numel() for p in run.student_params) == 297_984  # what the note calls 0.30M angles
+    assert run.rank_note == ("a rank above a layer's min(out, in/2) adds angles, not expressivity: --student_rank 64 "
+                             "in 42 of 48 layers (0.30M angles; 0.14M at rank min(r, out, in/2) reach the same)")
+    assert make_run(tmp_path, "--student_rank", "16", "--fake_rank", "4").rank_note is None  # 16 = the smallest
 
 
 @pytest.mark.parametrize("case", ["missing_prompts", "v_prediction"])
@@ -679,6 +709,8 @@ def test_readme_quick_start_and_sampling_snippet(tmp_path):
     quick[quick.index("--output_dir") + 1] = str(tmp_path / "wadi-tiny")
     r = subprocess.run([sys.executable, *quick[1:]], capture_output=True, text=True, timeout=TIMEOUT, cwd=HERE)
     assert r.returncode == 0, r.stderr[-3000:]
+    notes = [line for line in r.stdout.splitlines() if line.startswith("wadi: note:")]  # the default ranks 256/32
+    assert len(notes) == 1 and "--student_rank 256 in 48 of 48 layers" in notes[0], r.stdout[-3000:]  # on tiny layers
     steps = int(quick[quick.index("--max_train_steps") + 1])
     assert (tmp_path / "wadi-tiny" / "samples" / f"step-{steps:06d}.png").exists()  # where the README says
     snippet = [b for b in readme_blocks("python") if "StableDiffusionPipeline.from_pretrained" in b][0]
@@ -700,6 +732,26 @@ def test_readme_journeydb_command(tmp_path):
     assert wadi.read_prompts(str(tmp_path / "journeydb_prompts.txt")) == ["a cat, in the rain", "Ünïcode castle --ar 16:9"]
 
 
+def test_readme_plan_line():
+    """The README's one-setting plan command, run as written: it prints the line the README quotes, and that line's
+    numbers are the README table's row for the same setting."""
+    command = [line for b in readme_blocks("bash") for line in b.splitlines() if line.startswith("python bench.py plan")]
+    assert len(command) == 1 and "--batch 16 --mixed_precision bf16 --gradient_checkpointing" in command[0]
+    r = subprocess.run([sys.executable, *command[0].split()[1:]], capture_output=True, text=True, timeout=TIMEOUT,
+                       cwd=HERE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = r.stdout.strip().splitlines()[-1]
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert f"\n    {line}\n" in readme, line
+    row = [cells.split(" | ") for cells in readme.splitlines() if cells.startswith("| SD1.5 | 16 | bf16, fp16 | yes |")]
+    assert len(row) == 1
+    weights, adapters, frozen, activations, peak = (c.strip("*") for c in row[0][4:9])
+    assert (f"step peak {peak} GiB = weights {weights} + angles + grads + AdamW {adapters} + text encoder + VAE {frozen} "
+            f"+ activations {activations} ") in line
+    assert f"{row[0][-2]} TFLOP/step, {row[0][-1].rstrip(' |')} s/step" in line
+
+
 def test_train_sh_flags_parse():
     """train.sh's wadi.py flags are all ones wadi.py accepts, with the paper's values."""
     with open(os.path.join(HERE, "train.sh")) as f:
@@ -709,6 +761,147 @@ def test_train_sh_flags_parse():
     assert (args.resolution, args.train_batch_size, args.learning_rate, args.fake_learning_rate) == (512, 16, 1e-4, 1e-2)
     assert (args.guidance_scale, args.student_rank, args.fake_rank, args.mixed_precision) == (1.5, 256, 32, "bf16")
     assert args.gradient_checkpointing and args.max_train_steps is None  # 2 epochs
+
+
+# -----------------------------------------------------------------------------
+# bench.py plan: GPU memory counted on fake tensors, held against the same step on real ones (CPU)
+
+MID = dict(bench.STEP_SIZES["mid"][0], sample_size=16)  # bench.py step's mid-size UNet, at 16x16 latents
+MID_ARGV = ["--resolution", "128", "--student_rank", "16", "--fake_rank", "4"]
+
+
+def tiny_text_and_vae(tiny):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig
+    return (CLIPTextConfig.from_pretrained(tiny, subfolder="text_encoder").to_dict(),
+            dict(AutoencoderKL.load_config(tiny, subfolder="vae")))
+
+
+def test_plan_counts_what_the_real_step_keeps(tiny, tmp_path, monkeypatch):
+    """The plan's count on fake tensors against the same step on real ones, on the CPU where both run (fp32, batch 2,
+    the mid UNet, the tiny pipeline's text encoder and VAE): the bytes autograd keeps for backward, measured with
+    saved-tensor hooks per backward pass, and the peak of the bytes allocated during the step, measured by
+    torch.profiler from the CPU allocator's own events. Both are counted above the state between steps (weights,
+    angles, AdamW moments), which the two runs share."""
+    from diffusers import UNet2DConditionModel
+    count = bench.count_step(MID, *tiny_text_and_vae(tiny), [*MID_ARGV, "--train_batch_size", "2"], as_on_gpu=False)
+    predicted = bench.plan_row(count)
+    predicted["step"] = predicted["peak"] - count["timeline"][0].sum().item()
+    # the same run on real tensors, random weights
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**MID).requires_grad_(False)
+    tokenizer, text_encoder, vae, _, scheduler = wadi.load_pipeline_parts(tiny, torch.device("cpu"), torch.float32)
+    args = wadi.parse_args(["--prompts", PROMPTS, "--output_dir", str(tmp_path / "out"), *MID_ARGV,
+                            "--train_batch_size", "2"])
+    run = wadi.setup(args, parts=(tokenizer, text_encoder, vae, unet, scheduler))
+    bench.as_between_steps(run)
+    static = {t.untyped_storage().data_ptr() for m in (run.teacher, run.text_encoder, run.vae, run.student, run.fake)
+              for t in [*m.parameters(), *m.buffers()]}
+    static |= {t.untyped_storage().data_ptr() for opt in (run.opt_s, run.opt_f) for s in opt.state.values()
+               for t in s.values()}
+    saved, kept = {}, []  # storages saved for the coming backward pass; their bytes at each backward
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in static:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage()  # held: no address reused while counting
+        return t
+
+    def update(loss, *rest):
+        kept.append(sum(s.nbytes() for s in saved.values()))
+        saved.clear()
+        return wadi_update(loss, *rest)
+    wadi_update = wadi.update
+    monkeypatch.setattr(wadi, "update", update)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        wadi.train_step(run, 0)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    allocated = torch.tensor([n for _, n in events]).cumsum(0)
+    assert len(kept) == 2 and min(kept) > 30e6  # the student's and the fake's backward; ~50 MB each
+    print(f"kept for backward: predicted {predicted['most_kept']}, measured {max(kept)} bytes; step peak: predicted "
+          f"{predicted['step']}, measured {allocated.max().item()} bytes")
+    assert predicted["most_kept"] == pytest.approx(max(kept), rel=0.10)  # measured: exactly equal
+    assert predicted["step"] == pytest.approx(allocated.max().item(), rel=0.10)  # measured: 0.9997
+
+
+@pytest.fixture(scope="module")
+def mid_counts(tiny):
+    """The plan's counts of the mid UNet, as a GPU run would keep them: bf16, gradient checkpointing, batches 2, 4, 6."""
+    text, vae = tiny_text_and_vae(tiny)
+    return {b: bench.count_step(MID, text, vae, [*MID_ARGV, "--mixed_precision", "bf16", "--gradient_checkpointing",
+                                                 "--train_batch_size", str(b)]) for b in (2, 4, 6)}
+
+
+def test_plan_reads_batches_off_exactly(mid_counts, monkeypatch, capsys):
+    """The table counts two batch sizes and reads those between off the two (every tensor's size is affine in the
+    batch): the whole timeline at batch 4 from batches 2 and 6 equals a direct count, and so do the table's cells."""
+    read_off = bench.at_batch({2: mid_counts[2], 6: mid_counts[6]}, 4)
+    assert torch.equal(read_off["timeline"], mid_counts[4]["timeline"]) and read_off["flops"] == mid_counts[4]["flops"]
+    assert not torch.equal(mid_counts[2]["timeline"], mid_counts[4]["timeline"])
+
+    def plan_count(model, resolution, batch, mixed_precision, checkpointing):
+        assert batch != 4, "batch 4 lies between 2 and 6: it is read off, not counted"
+        return mid_counts[batch]
+    monkeypatch.setattr(bench, "plan_count", plan_count)
+    monkeypatch.setattr(bench, "PLAN_BATCHES", (2, 4, 6))
+    bench.bench_plan(argparse.Namespace(models=["sd15"], resolution=512, batch=None, gpu_tflops=312, mfu=0.4))
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[1], r[2], r[3]) for r in rows] == [(b, "bf16, fp16", ckpt) for ckpt in ("no", "yes") for b in "246"]
+    direct = bench.plan_row(mid_counts[4])
+    weights, adapters, frozen, activations, peak = (float(c.strip("*")) for c in rows[1][4:9])
+    assert (weights, adapters, frozen) == tuple(round(direct[k] / 2**30, 2) for k in bench.CATEGORIES[:3])
+    assert (activations, peak) == (round(direct["activations at peak"] / 2**30, 2), round(direct["peak"] / 2**30, 2))
+    assert float(rows[1][-2]) == round(direct["flops"] / 1e12, 1)
+
+
+def test_plan_gpu_numerics(tmp_path):
+    """What the plan changes to count as on a GPU, checked on the real step: CUDA's autocast lists (torch.amp docs)
+    treat this step's ops as the CPU's, except group_norm and layer_norm, which CUDA runs in fp32 from bf16 inputs,
+    and which bench.cuda_autocast_norms runs in fp32 as well."""
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+    cuda_fp32 = {  # "CUDA Ops that can autocast to float32"
+        "__pow__", "__rdiv__", "__rpow__", "__rtruediv__", "acos", "asin", "binary_cross_entropy_with_logits", "cosh",
+        "cosine_embedding_loss", "cdist", "cosine_similarity", "cross_entropy", "cumprod", "cumsum", "dist", "erfinv",
+        "exp", "expm1", "group_norm", "hinge_embedding_loss", "kl_div", "l1_loss", "layer_norm", "log", "log_softmax",
+        "log10", "log1p", "log2", "margin_ranking_loss", "mse_loss", "multilabel_margin_loss", "multi_margin_loss",
+        "nll_loss", "norm", "normalize", "pdist", "poisson_nll_loss", "pow", "prod", "reciprocal", "rsqrt", "sinh",
+        "smooth_l1_loss", "soft_margin_loss", "softmax", "softmin", "softplus", "sum", "renorm", "tan",
+        "triplet_margin_loss"}
+    cuda_only_lower = {"addmv", "addr", "mv", "einsum", "chain_matmul", "multi_dot", "lstm_cell", "gru_cell",
+                       "rnn_tanh_cell", "rnn_relu_cell"}  # cast to bf16/fp16 by CUDA's autocast, not by the CPU's
+    seen = set()
+
+    class Ops(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name, kwargs = getattr(func, "__name__", ""), kwargs or {}
+            if torch.is_autocast_enabled("cpu") and (name in cuda_only_lower or name in cuda_fp32 and any(
+                    t.dtype == torch.bfloat16 for t in bench.tensors_in([*args, *kwargs.values()]))):
+                seen.add(name)
+            return func(*args, **kwargs)
+    run = make_run(tmp_path, "--mixed_precision", "bf16")
+    with Ops():
+        wadi.train_step(run, 0)
+    assert seen == {"group_norm", "layer_norm"}
+    x = torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.group_norm(x, 2).dtype == F.layer_norm(x, (4,)).dtype == torch.bfloat16  # the CPU's autocast
+        with bench.cuda_autocast_norms():
+            assert F.group_norm(x, 2).dtype == F.layer_norm(x, (4,)).dtype == torch.float32
+
+
+def test_sd_architectures_have_their_published_sizes():
+    """The configs the plan builds SD1.5 and SD2.1 from, against the parameter counts of the released checkpoints."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    count = lambda model: sum(p.numel() for p in model.parameters())
+    with torch.device("meta"):
+        assert count(UNet2DConditionModel(**bench.SD15)) == 859_520_964
+        assert count(UNet2DConditionModel(**bench.SD21)) == 865_910_724
+        assert count(CLIPTextModel(CLIPTextConfig(**bench.SD15_TEXT))) == 123_060_480
+        assert count(CLIPTextModel(CLIPTextConfig(**bench.SD21_TEXT))) == 340_387_840
+        assert count(AutoencoderKL(**bench.SD_VAE)) == 83_653_863
 
 
 # -----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lorad import add_lorad, load_lorad, lorad_state_dict, merge_lorad
+from lorad import LoRaDLinear, add_lorad, load_lorad, lorad_state_dict, merge_lorad
 
 STUDENT_LAYERS = dict(include=("down_blocks", "mid_block", "up_blocks"))  # 182 Linear layers in SD1.5
 FAKE_LAYERS = dict(include=STUDENT_LAYERS["include"], exclude=("proj_in", "proj_out", "time_emb_proj"))
@@ -93,8 +93,13 @@ def parse_args(argv=None):
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UserError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    for name in ("learning_rate", "fake_learning_rate", "guidance_scale"):  # argparse's float() takes nan and inf
+        if not 0 <= getattr(args, name) < math.inf:
+            raise UserError(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
     if not 0 <= args.ema_decay < 1:
         raise UserError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    if not -2**63 <= args.seed < 2**64:  # what torch.manual_seed takes
+        raise UserError(f"--seed must fit in 64 bits, got {args.seed}")
     return args
 
 
@@ -433,6 +438,37 @@ def export(run):
 # setup: distributed, data, models, optimizers
 
 
+def check_output_dir(path):
+    """The first part of `path` that exists must be a folder we can write to: a file there would only fail later,
+    as a traceback from os.makedirs."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--output_dir {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {path}: {existing} is not writable")
+
+
+def rank_note(run):
+    """One line on the angles that a rank above min(out, in/2) adds without adding expressivity, or None. theta =
+    theta_a @ theta_b is an out x in/2 matrix, which rank min(out, in/2) already spans: above it, a layer only gets
+    more parameters to train. The paper's recipe has such layers too (rank 256 against in/2 = 160 in SD1.5's
+    320-channel blocks, counted in its 83.80M), so we train what was asked and say so."""
+    parts = []
+    for flag, model in (("--student_rank", run.student), ("--fake_rank", run.fake)):
+        layers = [m for m in model.modules() if isinstance(m, LoRaDLinear)]
+        over = [m for m in layers if m.rank > min(m.out_features, m.in_features // 2)]
+        if over:
+            trained = sum(m.rank * (m.out_features + m.in_features // 2) for m in layers)
+            needed = sum(min(m.rank, m.out_features, m.in_features // 2) * (m.out_features + m.in_features // 2)
+                         for m in layers)
+            parts.append(f"{flag} {layers[0].rank} in {len(over)} of {len(layers)} layers "
+                         f"({trained / 1e6:.2f}M angles; {needed / 1e6:.2f}M at rank min(r, out, in/2) reach the same)")
+    if parts:
+        return "a rank above a layer's min(out, in/2) adds angles, not expressivity: " + "; ".join(parts)
+
+
 def setup(args, parts=None):
     """Everything a run needs, in a namespace. `parts` (tokenizer, text_encoder, vae, unet, scheduler) replaces
     loading them from args.pretrained_model_name_or_path: bench.py passes models built in memory."""
@@ -449,7 +485,8 @@ def setup(args, parts=None):
     mp = args.mixed_precision or ("bf16" if cuda else "no")
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mp]
     run.autocast = torch.autocast(run.device.type, dtype=dtype) if mp != "no" else contextlib.nullcontext()
-    # where we write: refuse to mix with another run's checkpoints, before writing anything
+    # where we write: a folder (or one we can create), not another run's checkpoints; checked before writing anything
+    check_output_dir(args.output_dir)
     ckpts = list_checkpoints(args.output_dir)
     if args.resume_from_checkpoint == "latest":
         run.resume = ckpts[-1] if ckpts else None
@@ -483,6 +520,7 @@ def setup(args, parts=None):
         run.fake.enable_gradient_checkpointing()
     # optimizers: AdamW on the angles alone (paper §4.1); GradScaler only does something for fp16
     run.student_params, run.fake_params = adapters(run.student), adapters(run.fake)
+    run.rank_note = rank_note(run)
     adamw = dict(betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
     run.opt_s = torch.optim.AdamW(run.student_params, lr=args.learning_rate, **adamw)
     run.opt_f = torch.optim.AdamW(run.fake_params, lr=args.fake_learning_rate, **adamw)
@@ -521,6 +559,8 @@ def main(argv=None):
         print(f"wadi: {run.model_path} | {len(run.prompts)} prompts | student {n_s / 1e6:.2f}M, fake {n_f / 1e6:.2f}M "
               f"trainable | global batch {args.train_batch_size * run.world} on {run.world} x {run.device.type} | "
               f"{run.mixed_precision} | steps {start}..{run.max_steps}" + (f" (resumed {run.resume})" if run.resume else ""))
+        if run.rank_note:
+            print(f"wadi: note: {run.rank_note}")
     bad_in_a_row = 0
     for step in tqdm(range(start, run.max_steps), initial=start, total=run.max_steps, disable=not master):
         t0 = time.time()
