@@ -18,6 +18,8 @@ Rotations keep each row's norm and change only its direction ("keep the norm, ro
 The paper writes W as d x k with d = in_features, so its Theta = AB (d/2 x k) is our theta transposed.
 Needs torch alone.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -68,7 +70,8 @@ class _LoRaDFunction(torch.autograd.Function):
         autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # not on meta
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         x = x.to(dtype)
-        w_rot = rotate(weight, theta_a @ theta_b)  # fp32
+        with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+            w_rot = rotate(weight, theta_a @ theta_b)  # fp32: autocast would round theta_a @ theta_b to bf16/fp16
         ctx.save_for_backward(x, weight, theta_a, theta_b)
         ctx.has_bias = bias is not None
         return F.linear(x, w_rot.to(dtype), None if bias is None else bias.to(dtype))

@@ -176,6 +176,18 @@ def test_autocast_bf16_matches_plain_autograd():
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_autocast_keeps_angles_fp32():
+    """SPEC §1: theta, cos, sin and W' in fp32, cast to the autocast dtype only at the matmul. bf16 keeps 8 bits
+    of theta = theta_a @ theta_b; rounded there, small rotations move, so the output would not be bitwise this."""
+    m = lorad_layer(64, 128, 16)
+    with torch.no_grad():
+        m.theta_a.normal_(std=1e-2)
+    x = torch.randn(8, 128)
+    expected = F.linear(x.bfloat16(), rotate(m.weight, m.theta_a @ m.theta_b).bfloat16(), m.bias.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(m(x), expected)
+
+
 def test_gradient_checkpointing_same_gradients():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
