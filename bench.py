@@ -190,6 +190,7 @@ STEP_SIZES = {  # name: UNet config (None = the tiny pipeline's own), latent sid
     "mid": (dict(block_out_channels=(128, 256, 512), layers_per_block=1, cross_attention_dim=32,
                  down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2), 32, 4),
+    "sd15": ({k: v for k, v in SD15.items() if k != "sample_size"}, 64, 16),  # the paper's per-GPU step: for a GPU
 }
 
 
@@ -202,8 +203,9 @@ def hook_lorad(unet, rank, layers):
     for name, linear in list(unet.named_modules()):  # the same layers as ours
         if type(linear) is not nn.Linear or not any(s in name for s in include) or any(s in name for s in exclude):
             continue
-        ta = nn.Parameter(torch.zeros(linear.out_features, rank))
-        tb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(rank, linear.in_features // 2)))
+        fp32 = dict(device=linear.weight.device, dtype=torch.float32)
+        ta = nn.Parameter(torch.zeros(linear.out_features, rank, **fp32))
+        tb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(rank, linear.in_features // 2, **fp32)))
         linear.register_parameter("theta_a", ta)
         linear.register_parameter("theta_b", tb)
         authors_hook_design(linear, ta, tb)
@@ -221,30 +223,40 @@ def authors_vsd_loss(run, x0, cond, uncond, t, noise):
     return 0.5 * F.mse_loss(x0, (x0 - grad).detach())
 
 
-def memory_run(unet, text_encoder, side, batch, student_rank, fake_rank):
-    """A wadi run (wadi.setup) on models built in memory, with the tiny pipeline's tokenizer, VAE, schedule."""
-    tok, _, vae, _, sched = wadi.load_pipeline_parts(wadi.resolve_model("tiny"), torch.device("cpu"), torch.float32)
+def memory_run(unet, text_encoder, side, batch, student_rank, fake_rank, extra=()):
+    """A wadi run (wadi.setup) on models built in memory, with the tiny pipeline's tokenizer, VAE, schedule, all
+    moved where wadi.setup would load them: its device, in the training dtype (`extra`: more wadi.py flags)."""
     tmp = tempfile.mkdtemp()
     with open(os.path.join(tmp, "prompts.txt"), "w") as f:
         f.write("a red cube\na blue ball\n")
     args = wadi.parse_args(["--prompts", f.name, "--output_dir", os.path.join(tmp, "out"), "--resolution", str(8 * side),
                             "--train_batch_size", str(batch), "--student_rank", str(student_rank),
-                            "--fake_rank", str(fake_rank)])
-    return wadi.setup(args, parts=(tok, text_encoder, vae, unet, sched))
+                            "--fake_rank", str(fake_rank), *extra])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mp = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mp]
+    tok, _, vae, _, sched = wadi.load_pipeline_parts(wadi.resolve_model("tiny"), device, dtype)
+    return wadi.setup(args, parts=(tok, text_encoder.to(device, dtype), vae, unet.to(device, dtype), sched))
 
 
-def step_run(size, design, student_rank, fake_rank):
+def step_run(size, design, student_rank, fake_rank, extra=()):
     """A wadi run on an SD-shaped UNet; design 'authors' swaps in their three-copy, hooked models."""
     from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
     _, te, _, unet, _ = wadi.load_pipeline_parts(wadi.resolve_model("tiny"), torch.device("cpu"), torch.float32)
     config, side, batch = STEP_SIZES[size]
+    torch.manual_seed(0)
     if config:
-        torch.manual_seed(0)
         unet = UNet2DConditionModel(sample_size=side, **config).requires_grad_(False)
-    run = memory_run(unet, te, side, batch, student_rank, fake_rank)
+    if size == "sd15":  # its cross-attention reads 768-wide CLIP embeddings
+        te = CLIPTextModel(CLIPTextConfig(**SD15_TEXT)).requires_grad_(False)
+    run = memory_run(unet, te, side, batch, student_rank, fake_rank, extra)
     if design == "authors":
-        run.student = hook_lorad(unet, student_rank, wadi.STUDENT_LAYERS).train()
-        run.fake = hook_lorad(unet, fake_rank, wadi.FAKE_LAYERS).train()
+        run.student = hook_lorad(run.teacher, student_rank, wadi.STUDENT_LAYERS).train()
+        run.fake = hook_lorad(run.teacher, fake_rank, wadi.FAKE_LAYERS).train()
+        if run.args.gradient_checkpointing:  # in their script a no-op (models left in eval mode): given them here
+            run.student.enable_gradient_checkpointing()
+            run.fake.enable_gradient_checkpointing()
         run.student_params, run.fake_params = wadi.adapters(run.student), wadi.adapters(run.fake)
         run.opt_s = torch.optim.AdamW(run.student_params, lr=run.args.learning_rate, weight_decay=0.0)
         run.opt_f = torch.optim.AdamW(run.fake_params, lr=run.args.fake_learning_rate, weight_decay=0.0)
@@ -280,25 +292,31 @@ def step_flops(config, side, batch, student_rank, fake_rank):
 
 
 def step_worker(args):
-    """One (size, design) in a fresh process, so its peak RSS is its own; prints one JSON line."""
-    run = step_run(args.size, args.design, args.student_rank, args.fake_rank)
+    """One (size, design) in a fresh process, so its peak memory is its own (RSS on CPU, allocated on a GPU);
+    prints one JSON line."""
+    run = step_run(args.size, args.design, args.student_rank, args.fake_rank, args.wadi_args)
     if args.design == "authors":
         wadi.vsd_loss = authors_vsd_loss
     models = [run.teacher, run.student, run.fake]
     unique = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for m in models for p in m.parameters()}
+    cuda = run.device.type == "cuda"
     times = []
     for step in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         wadi.train_step(run, step)
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    print(json.dumps(dict(sec=statistics.median(times[args.warmup:]), param_bytes=sum(unique.values()),
-                          rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(dict(sec=statistics.median(times[args.warmup:]), param_bytes=sum(unique.values()), peak=peak,
+                          device=torch.cuda.get_device_name() if cuda else "CPU")))
 
 
 def bench_step(args):
     """Both designs on each size, alternating processes over `rounds` so machine noise hits both alike."""
     from diffusers import UNet2DConditionModel
-    print("| UNet | latents x batch | design | s/step | speed-up | GFLOP/step (ratio) | peak RSS | unique parameter bytes |")
+    print(f"wadi.py flags: {' '.join(args.wadi_args) or '(defaults)'}")
+    print("| UNet | latents x batch | design | s/step | speed-up | GFLOP/step (ratio) | peak memory | unique parameter bytes |")
     print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         res = {"ours": [], "authors": []}
@@ -306,7 +324,7 @@ def bench_step(args):
             for design in res:
                 cmd = [sys.executable, __file__, "step-worker", "--size", size, "--design", design,
                        "--steps", str(args.steps), "--warmup", str(args.warmup),
-                       "--student_rank", str(args.student_rank), "--fake_rank", str(args.fake_rank)]
+                       "--student_rank", str(args.student_rank), "--fake_rank", str(args.fake_rank), "--", *args.wadi_args]
                 res[design].append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
         config, side, batch = STEP_SIZES[size]
         config = dict(sample_size=side, **config) if config else UNet2DConditionModel.load_config(wadi.resolve_model("tiny"), subfolder="unet")
@@ -316,7 +334,7 @@ def bench_step(args):
         for d, rs in res.items():
             print(f"| {size} | 4x{side}x{side} x {batch} | {d} | {sec[d]:.3f} | {sec['authors'] / sec[d]:.2f}x "
                   f"| {flops[d] / 1e9:.1f} ({theirs / flops[d]:.3f}x) "
-                  f"| {max(r['rss'] for r in rs) / 2**20:.0f} MiB | {rs[0]['param_bytes'] / 2**20:.1f} MiB "
+                  f"| {max(r['peak'] for r in rs) / 2**20:.0f} MiB ({rs[0]['device']}) | {rs[0]['param_bytes'] / 2**20:.1f} MiB "
                   f"({rs[0]['param_bytes'] / res['ours'][0]['param_bytes']:.2f}x) |")
     ours, theirs = step_flops(SD15, 64, 16, 256, 32)
     print(f"\nThe paper's setting, counted on the meta device (SD1.5, 512 px, batch 16, ranks 256/32): ours "
@@ -971,17 +989,20 @@ if __name__ == "__main__":
     p.add_argument("--tokens", type=int, default=4096, help="tokens per layer call (batch x positions)")
     p.add_argument("--repeats", type=int, default=5, help="minimum timed rounds per shape (small shapes run more)")
     p = sub.add_parser("step", help="one WaDi step: wadi.py's design vs the authors'")
-    p.add_argument("--sizes", nargs="+", default=list(STEP_SIZES), choices=list(STEP_SIZES))
+    p.add_argument("--sizes", nargs="+", default=["tiny", "mid"], choices=list(STEP_SIZES),
+                   help="sd15: the paper's per-GPU step (512 px, batch 16), for a GPU")
     p.add_argument("--rounds", type=int, default=2, help="processes per design, alternating")
     p.add_argument("--steps", type=int, default=5, help="timed steps per process (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--student_rank", type=int, default=16)
     p.add_argument("--fake_rank", type=int, default=4)
+    p.add_argument("wadi_args", nargs="*", help="wadi.py flags for both designs, after --")
     p = sub.add_parser("step-worker", help=argparse.SUPPRESS)  # one (size, design) of `step`, in its own process
     p.add_argument("--size", choices=list(STEP_SIZES))
     p.add_argument("--design", choices=["ours", "authors"])
     for name, default in (("--steps", 5), ("--warmup", 2), ("--student_rank", 16), ("--fake_rank", 4)):
         p.add_argument(name, type=int, default=default)
+    p.add_argument("wadi_args", nargs="*")
     p = sub.add_parser("sd15", help="one step of the real SD1.5 architecture on CPU; the paper's recipe, counted")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--gpu_tflops", type=float, default=312, help="bf16 dense peak (A100 80GB: 312)")

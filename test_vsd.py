@@ -975,3 +975,16 @@ def test_toy_diagnostics_vsd_gradient(full_run, tiny, tmp_path):
     same = bench.toy_diagnostics(tiny, str(reset), modes, 1.5, previous=trained["x0"])
     assert all(same[lo]["g"] == 0 for lo, _ in bench.TOY_BUCKETS)
     assert same["move"] == 0 and same["err_in"] == trained["err_in"]  # the student is the same checkpoint's
+
+
+def test_bench_step_runs_both_designs(tiny):
+    """`bench.py step` (the README's step table; on a GPU with `--sizes sd15 -- --gradient_checkpointing`): one
+    round on the tiny UNet with wadi flags passed through. The authors' design holds three UNet copies (the
+    parameter bytes), ours one base plus the angles."""
+    r = subprocess.run([sys.executable, "bench.py", "step", "--sizes", "tiny", "--rounds", "1", "--steps", "1",
+                        "--warmup", "0", "--", "--gradient_checkpointing"], capture_output=True, text=True,
+                       timeout=TIMEOUT, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {line.split("|")[3].strip(): line.split("|") for line in r.stdout.splitlines() if line.startswith("| tiny")}
+    assert set(rows) == {"ours", "authors"} and "--gradient_checkpointing" in r.stdout
+    assert float(rows["authors"][8].split("(")[1].rstrip("x) ")) > 2.5  # unique parameter bytes, authors / ours
