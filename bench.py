@@ -1,8 +1,9 @@
 """
-Benchmarks, run on the CPU (not tests: each prints a table or a line for the README).
+Benchmarks, run on the CPU unless a GPU is there (not tests: each prints a table or a line for the README).
 
     python bench.py layer   # one adapted layer: time and saved memory, full fine-tuning vs LoRaD three ways
     python bench.py step    # one WaDi step: wadi.py's design vs the authors' (three UNets, hooks, 4 CFG calls)
+                            #   on a GPU: --sizes sd15 --student_rank 256 --fake_rank 32 -- --gradient_checkpointing
     python bench.py plan    # GPU memory and time per step, counted from wadi's train_step on fake tensors
     python bench.py sd15    # one step of the real SD1.5 architecture on CPU, and the paper's recipe counted by plan
     python bench.py toy     # distill a toy teacher with wadi.py and score it against its known modes
@@ -1022,7 +1023,7 @@ if __name__ == "__main__":
     p.add_argument("--teacher_steps", type=int, default=4000)
     p.add_argument("--teacher_target", choices=["exact", "noise"], default="exact",
                    help="exact: E[eps | x_t, c] with v-space weights; noise: eq. (1), the first toy's teacher")
-    p.add_argument("--steps", type=int, default=4000, help="wadi.py steps")
+    p.add_argument("--steps", type=int, default=4000, help="wadi.py steps (~25 CPU-minutes)")
     p.add_argument("--samples", type=int, default=64, help="per prompt")
     p.add_argument("--out", default="bench-out")
     p.add_argument("wadi_args", nargs="*", help="more wadi.py flags, after --")
