@@ -717,15 +717,27 @@ def toy_exact_eps(x_t, t, prompt, modes, abar):
     return (var.sqrt() * (x - a * w @ centers) / v).view_as(x_t)
 
 
-def train_toy_teacher(path, modes, steps, target="exact", batch=32):
+TOY_UNETS = {  # changes to the tiny pipeline's UNet config for the toy's teacher
+    "tiny": {},  # wadi.py's tiny UNet: cross-attention at its first level only, 1x1-conv projections around it
+    # cross-attention at both levels and Linear projections in and out of it (as SD2.1's): more of the UNet in the
+    # Linear layers that LoRaD adapts (SD1.5 has cross-attention at 3 of its 4 levels)
+    "attention": dict(down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+                      use_linear_projection=True),
+}
+
+
+def train_toy_teacher(path, modes, steps, target="exact", unet_kind="tiny", batch=32):
     """The tiny pipeline's UNet trained from scratch, with 10% empty prompts (for CFG).
     target 'exact': regress onto E[eps | x_t, c] (toy_exact_eps) with v-space weights 1/abar_t. The sampled noise of
     eq. (1) is a target whose variance at t ~ 999 (abar/(1-abar) s^2 per element) is far above the precision the
     one-step output needs, since x0 = (x_t - sigma eps)/a multiplies every eps error by sigma/a = 14.6; exact targets
     remove that variance, and 1/abar_t (the error of a v-prediction) makes t ~ 999 count as much as it matters.
     target 'noise': eq. (1) as SD was trained (unweighted MSE to the sampled noise), the first toy's teacher."""
+    from diffusers import UNet2DConditionModel
     wadi.build_tiny_pipeline(path)
     tok, te, vae, unet, sched = wadi.load_pipeline_parts(path, torch.device("cpu"), torch.float32)
+    if TOY_UNETS[unet_kind]:
+        unet = UNet2DConditionModel.from_config(unet.config, **TOY_UNETS[unet_kind])
     run = argparse.Namespace(tokenizer=tok, text_encoder=te, device=torch.device("cpu"), autocast=contextlib.nullcontext())
     cond, null = wadi.encode(run, TOY_PROMPTS), wadi.encode(run, [""])
     unet.train().requires_grad_(True)
@@ -893,15 +905,16 @@ def bench_toy(args):
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
     out = os.path.join(args.out, f"toy-seed{args.seed}")
     os.makedirs(out, exist_ok=True)
-    modes, teacher = toy_modes(args.seed), os.path.join(out, f"teacher-{args.teacher_target}")
+    name = args.teacher_target + ("" if args.toy_unet == "tiny" else f"-{args.toy_unet}")
+    modes, teacher = toy_modes(args.seed), os.path.join(out, f"teacher-{name}")
     if not os.path.isdir(teacher):  # trained once, then cached
         t0 = time.time()
         shutil.rmtree(teacher + ".tmp", ignore_errors=True)
-        train_toy_teacher(teacher + ".tmp", modes, args.teacher_steps, args.teacher_target)
+        train_toy_teacher(teacher + ".tmp", modes, args.teacher_steps, args.teacher_target, args.toy_unet)
         os.rename(teacher + ".tmp", teacher)
         print(f"teacher trained in {(time.time() - t0) / 60:.1f} min")
     # distillation: wadi.py's own command line
-    prompts, student = os.path.join(out, "prompts.txt"), os.path.join(out, f"wadi-{args.teacher_target}")
+    prompts, student = os.path.join(out, "prompts.txt"), os.path.join(out, f"wadi-{name}")
     with open(prompts, "w") as f:
         f.write("\n".join(TOY_PROMPTS) + "\n")
     S = args.steps
@@ -963,7 +976,7 @@ def bench_toy(args):
               f"| {per_bucket(d, lambda b: format(b['g'], '.3f'))} | {per_bucket(d, lambda b: format(b['cos'], '.2f'))} "
               f"| {per_bucket(d, lambda b: format(b['cos_in'], '.2f'))} | {per_bucket(d, lambda b: format(b['cos_off'], '.2f'))} "
               f"| {per_bucket(d, lambda b: format(b['fake'], '.3f') + '/' + format(b['teacher'], '.3f'))} |")
-    plot = os.path.join(out, f"curve-{args.teacher_target}.png")
+    plot = os.path.join(out, f"curve-{name}.png")
     steps = list(curve)
     line_plot(plot, [
         ("precision of the one-step student (share of samples within tau of a mode)", steps,
@@ -1023,6 +1036,7 @@ if __name__ == "__main__":
     p.add_argument("--teacher_steps", type=int, default=4000)
     p.add_argument("--teacher_target", choices=["exact", "noise"], default="exact",
                    help="exact: E[eps | x_t, c] with v-space weights; noise: eq. (1), the first toy's teacher")
+    p.add_argument("--toy_unet", choices=list(TOY_UNETS), default="tiny", help="the teacher's UNet (TOY_UNETS)")
     p.add_argument("--steps", type=int, default=4000, help="wadi.py steps (~25 CPU-minutes)")
     p.add_argument("--samples", type=int, default=64, help="per prompt")
     p.add_argument("--out", default="bench-out")
