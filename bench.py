@@ -905,8 +905,8 @@ def bench_toy(args):
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
     out = os.path.join(args.out, f"toy-seed{args.seed}")
     os.makedirs(out, exist_ok=True)
-    name = args.teacher_target + ("" if args.toy_unet == "tiny" else f"-{args.toy_unet}")
-    modes, teacher = toy_modes(args.seed), os.path.join(out, f"teacher-{name}")
+    tag = args.teacher_target + ("" if args.toy_unet == "tiny" else f"-{args.toy_unet}")
+    modes, teacher = toy_modes(args.seed), os.path.join(out, f"teacher-{tag}")
     if not os.path.isdir(teacher):  # trained once, then cached
         t0 = time.time()
         shutil.rmtree(teacher + ".tmp", ignore_errors=True)
@@ -914,7 +914,7 @@ def bench_toy(args):
         os.rename(teacher + ".tmp", teacher)
         print(f"teacher trained in {(time.time() - t0) / 60:.1f} min")
     # distillation: wadi.py's own command line
-    prompts, student = os.path.join(out, "prompts.txt"), os.path.join(out, f"wadi-{name}")
+    prompts, student = os.path.join(out, "prompts.txt"), os.path.join(out, f"wadi-{tag}")
     with open(prompts, "w") as f:
         f.write("\n".join(TOY_PROMPTS) + "\n")
     S = args.steps
@@ -976,7 +976,7 @@ def bench_toy(args):
               f"| {per_bucket(d, lambda b: format(b['g'], '.3f'))} | {per_bucket(d, lambda b: format(b['cos'], '.2f'))} "
               f"| {per_bucket(d, lambda b: format(b['cos_in'], '.2f'))} | {per_bucket(d, lambda b: format(b['cos_off'], '.2f'))} "
               f"| {per_bucket(d, lambda b: format(b['fake'], '.3f') + '/' + format(b['teacher'], '.3f'))} |")
-    plot = os.path.join(out, f"curve-{name}.png")
+    plot = os.path.join(out, f"curve-{tag}.png")
     steps = list(curve)
     line_plot(plot, [
         ("precision of the one-step student (share of samples within tau of a mode)", steps,
