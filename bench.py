@@ -775,13 +775,18 @@ def frechet_distance(a, b):
     return ((a.mean(0) - b.mean(0)).square().sum() + ca.trace() + cb.trace() - 2 * cross).item()
 
 
+def toy_noise(n, seed):
+    """n fixed starting latents per prompt: (prompts, n, 4, 8, 8)."""
+    return torch.stack([torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed + p))
+                        for p in range(len(TOY_PROMPTS))])
+
+
 @torch.no_grad()
-def toy_samples(pipe, steps, guidance, n):
-    """n latents per prompt from a stock diffusers pipeline, fixed noise: (prompts, n, 4, 8, 8)."""
+def toy_samples(pipe, steps, guidance, n, seed=1000):
+    """n latents per prompt from a stock diffusers pipeline, from toy_noise(n, seed): (prompts, n, 4, 8, 8)."""
     pipe.set_progress_bar_config(disable=True)
     return torch.stack([pipe([prompt] * n, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
-                             latents=torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(1000 + p))).images
-                        for p, prompt in enumerate(TOY_PROMPTS)])
+                             latents=z).images for prompt, z in zip(TOY_PROMPTS, toy_noise(n, seed))])
 
 
 def toy_tau(modes):
@@ -825,6 +830,32 @@ def lorad_from(teacher, path, layers):
     lorad.add_lorad(unet, next(v for k, v in angles.items() if k.endswith("theta_a")).shape[1], **layers)
     lorad.load_lorad(unet, angles)
     return unet.eval()
+
+
+def toy_ceiling(pipe, wadi_argv, n=384):
+    """The regression ceiling (SPEC §6): wadi.py's own student (wadi.setup on the distillation's command line: the
+    same adapter, rank, initial angles, AdamW, clipping, batch and steps) fitted straight onto the teacher's 25-step
+    samples (DDIM, the recipe's CFG) from the same noise, instead of by VSD. No one-step target is easier: where
+    VSD comes near it, what is left is the student's reach, not VSD. Returns the fitted student and its mean squared
+    error to the targets before and after (EMA, if the recipe has one, is left out)."""
+    from diffusers import DDIMScheduler
+    run = wadi.setup(wadi.parse_args(wadi_argv))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    z, target = toy_noise(n, 2000), toy_samples(pipe, 25, run.args.guidance_scale, n, 2000)  # not the scores' noise
+    z, target = z.flatten(0, 1).to(run.device), target.flatten(0, 1).to(run.device)
+    cond = wadi.encode(run, TOY_PROMPTS)[torch.arange(len(TOY_PROMPTS)).repeat_interleave(n)]
+    g = torch.Generator().manual_seed(run.args.seed)
+
+    def fit(i):
+        with run.autocast:
+            return F.mse_loss(wadi.one_step(run.student, z[i], cond[i], run.abar), target[i])
+    with torch.no_grad():
+        before = fit(slice(None)).item()
+    for _ in range(run.max_steps):
+        loss = fit(torch.randint(len(z), (run.args.train_batch_size,), generator=g))
+        wadi.update(loss, run.student_params, run.opt_s, run.scaler_s, run.world)
+    with torch.no_grad():
+        return run.student.eval(), before, fit(slice(None)).item()
 
 
 TOY_BUCKETS = [(20, 200), (200, 500), (500, 800), (800, 981)]
@@ -923,7 +954,7 @@ def bench_toy(args):
            "--pretrained_model_name_or_path", teacher, "--prompts", prompts, "--validation_prompts", *TOY_PROMPTS,
            "--output_dir", student, "--max_train_steps", str(S), "--checkpointing_steps", str(max(1, S // 10)),
            "--validation_steps", str(S), *flags]
-    print("wadi.py flags for the toy:", " ".join(flags))
+    print("wadi.py flags for the toy:", " ".join(flags), "--max_train_steps", S)
     done = student + ".json"  # the finished run's command and wall time: rerun only what changed
     if not os.path.exists(done) or json.load(open(done))["cmd"] != cmd[1:]:
         print(" ".join(cmd[1:]))
@@ -942,6 +973,16 @@ def bench_toy(args):
     pipe.scheduler = DDIMScheduler.from_config(config)
     rows["teacher, 25 DDIM steps, no CFG"] = toy_scores(toy_samples(pipe, 25, 1.0, n), modes)
     rows["teacher, 25 DDIM steps, CFG 1.5"] = toy_scores(toy_samples(pipe, 25, 1.5, n), modes)
+    ceiling = os.path.join(out, f"ceiling-{tag}.json")  # cached like the run it is compared with
+    if not os.path.exists(ceiling) or json.load(open(ceiling))["cmd"] != cmd[1:]:
+        t0 = time.time()
+        pipe.unet, before, after = toy_ceiling(pipe, [*cmd[2:], "--output_dir", os.path.join(out, "unused")])
+        pipe.scheduler = one_step
+        json.dump(dict(cmd=cmd[1:], minutes=(time.time() - t0) / 60, mse=[before, after],
+                       scores=toy_scores(toy_samples(pipe, 1, 0, n), modes)), open(ceiling, "w"))
+    fit = json.load(open(ceiling))
+    print(f"regression ceiling: the student fitted to 25-step samples, MSE {fit['mse'][0]:.3f} -> {fit['mse'][1]:.3f}")
+    rows[f"student fitted to the 25-step samples ({S} steps, {fit['minutes']:.1f} min): the ceiling"] = fit["scores"]
     exported = StableDiffusionPipeline.from_pretrained(os.path.join(student, "pipeline"), low_cpu_mem_usage=False)
     rows[f"wadi student, 1 step ({S} steps, {minutes:.1f} min)"] = toy_scores(toy_samples(exported, 1, 0, n), modes)
     print(f"| {n} samples per prompt | precision | coverage | adherence | mean distance to nearest mode "
@@ -954,6 +995,8 @@ def bench_toy(args):
     student_row = list(rows.values())[-1]
     print("student / 25-step teacher (CFG 1.5): " + ", ".join(
         f"{k} {student_row[k] / goal[k]:.2f}x" for k in ("precision", "coverage", "adherence")) + " (goal >= 0.9x)")
+    print("student / regression ceiling: " + ", ".join(
+        f"{k} {student_row[k] / fit['scores'][k]:.2f}x" for k in ("precision", "coverage", "adherence")))
     # over training: every checkpoint's student through the pipeline, and the diagnostics of toy_diagnostics
     curve, diag, previous = {0: rows["teacher, 1 step"]}, {}, None
     pipe.scheduler = one_step
@@ -981,7 +1024,8 @@ def bench_toy(args):
     line_plot(plot, [
         ("precision of the one-step student (share of samples within tau of a mode)", steps,
          {"student, 1 step": [v["precision"] for v in curve.values()]},
-         {"25-step teacher, CFG 1.5": goal["precision"], "0.9x of it (goal)": 0.9 * goal["precision"]}),
+         {"25-step teacher, CFG 1.5": goal["precision"], "0.9x of it (goal)": 0.9 * goal["precision"],
+          "regression ceiling": fit["scores"]["precision"]}),
         ("mean distance of a sample to its nearest mode", steps,
          {"student, 1 step": [v["dist"] for v in curve.values()],
           "its part off the modes' span": [v["off"] for v in curve.values()]},

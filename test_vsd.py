@@ -258,6 +258,22 @@ def test_fake_loss_falls_on_a_fixed_batch(tmp_path):
     assert losses[-1].item() < 0.5 * losses[0].item(), [round(x.item(), 4) for x in losses]
 
 
+def test_linear_lr_schedule_anneals_the_student_alone(tmp_path):
+    """--lr_schedule linear: step k of n runs the student at lr (1 - k/n), a function of the step alone (so a resume
+    anneals alike); the fake's lr stays constant. The lr is the one Adam used: at step 0 the fake is the teacher, so
+    the VSD gradient is exactly 0; step 1 then moves each angle by lr_1 * (0.1 / 0.19) / sqrt(0.001 / 0.001999)."""
+    run = make_run(tmp_path, "--lr_schedule", "linear", "--max_train_steps", "4", "--learning_rate", "1e-3")
+    used, moved = [], []
+    for step in range(4):
+        before = clone(lorad_state_dict(run.student))
+        wadi.train_step(run, step)
+        used.append(run.opt_s.param_groups[0]["lr"])
+        moved.append(max((v - before[k]).abs().max().item() for k, v in lorad_state_dict(run.student).items()))
+        assert run.opt_f.param_groups[0]["lr"] == 1e-2
+    assert used == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
+    assert moved[0] == 0 and moved[1] == pytest.approx(0.75e-3 * (0.1 / 0.19) / math.sqrt(0.001 / 0.001999), rel=2e-2)
+
+
 # -----------------------------------------------------------------------------
 # non-finite losses (issue item 9)
 
@@ -975,6 +991,25 @@ def test_toy_diagnostics_vsd_gradient(full_run, tiny, tmp_path):
     same = bench.toy_diagnostics(tiny, str(reset), modes, 1.5, previous=trained["x0"])
     assert all(same[lo]["g"] == 0 for lo, _ in bench.TOY_BUCKETS)
     assert same["move"] == 0 and same["err_in"] == trained["err_in"]  # the student is the same checkpoint's
+
+
+def test_toy_ceiling_fits_the_teachers_samples(tiny, tmp_path):
+    """The regression ceiling bench.py toy prints beside the VSD student: wadi.py's student, from wadi.setup on a
+    command line, starts as the teacher (its MSE to the 25-step targets is the stock pipeline's one-step sample's,
+    from the same noise: the pairing of noise and target is right), and fitting lowers that MSE."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny, low_cpu_mem_usage=False)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(bench.TOY_PROMPTS) + "\n")
+    argv = ["--pretrained_model_name_or_path", tiny, "--prompts", str(prompts), "--output_dir", str(tmp_path / "out"),
+            "--max_train_steps", "30", "--train_batch_size", "8", "--student_rank", "4", "--learning_rate", "1e-2"]
+    student, before, after = bench.toy_ceiling(pipe, argv, n=4)
+    target = bench.toy_samples(pipe, 25, 1.5, 4, 2000)  # pipe has the DDIM scheduler and the teacher's UNet still
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    teacher_one_step = bench.toy_samples(pipe, 1, 0, 4, 2000)
+    assert before == pytest.approx(torch.nn.functional.mse_loss(teacher_one_step, target).item(), rel=1e-4)
+    assert after < 0.9 * before
+    assert not (tmp_path / "out").exists()  # the ceiling writes nothing
 
 
 def test_bench_step_runs_both_designs(tiny):

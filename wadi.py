@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--train_batch_size", type=int, default=16, help="per process")
     p.add_argument("--max_train_steps", type=int, default=None, help="default: 2 epochs of the prompt file")
     p.add_argument("--learning_rate", type=float, default=1e-4, help="student")
+    p.add_argument("--lr_schedule", choices=["constant", "linear"], default="constant",
+                   help="student lr: constant (paper) or linear to 0 at the last step (README: toy)")
     p.add_argument("--fake_learning_rate", type=float, default=1e-2)
     p.add_argument("--student_rank", type=int, default=256)
     p.add_argument("--fake_rank", type=int, default=32)
@@ -236,7 +238,8 @@ def vsd_loss(run, x0, cond, uncond, t, noise):
 
 
 def fake_loss(run, x0, cond, t, noise):
-    """Eq. (12): the fake model learns to denoise the student's samples (eq. 1's loss, weighted by abar_t)."""
+    """Eq. (12): the fake model learns to denoise the student's samples (eq. 1's loss, weighted by abar_t as in the
+    authors' code; the paper prints it unweighted, which the toy study found no better: README, toy)."""
     a = run.abar[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     with run.autocast:
@@ -304,6 +307,8 @@ def train_step(run, step):
     """One WaDi step: a generator update by VSD (eq. 11), then `fake_updates` fake-model updates (eq. 12)."""
     d = draw(run, step)
     cond = encode(run, [run.prompts[i] for i in d["prompt"].tolist()])
+    if run.args.lr_schedule == "linear":  # a function of the step alone: a resumed run anneals exactly alike
+        run.opt_s.param_groups[0]["lr"] = run.args.learning_rate * (1 - step / run.max_steps)
     uncond = run.null_emb.expand_as(cond)
     # 1. the student generates x0 in one step from pure noise
     with run.autocast:
@@ -575,11 +580,11 @@ def main(argv=None):
                             f"Last checkpoint: {last[-1] if last else 'none'}")
         if master:
             dt = time.time() - t0
-            logs.update(step=step + 1, lr=args.learning_rate, fake_lr=args.fake_learning_rate, sec_per_step=dt,
+            logs.update(step=step + 1, lr=run.opt_s.param_groups[0]["lr"], fake_lr=args.fake_learning_rate, sec_per_step=dt,
                         img_per_sec=args.train_batch_size * run.world / dt, peak_mem_gb=peak_memory_gb(run.device),
                         skipped=run.skipped)
             tqdm.write(f"step {step + 1}/{run.max_steps} | vsd {logs['loss_vsd']:.4g} | fake {logs['loss_fake']:.4g} | "
-                       f"gnorm {logs['grad_norm_student']:.3g}/{logs['grad_norm_fake']:.3g} | lr {args.learning_rate:g}/"
+                       f"gnorm {logs['grad_norm_student']:.3g}/{logs['grad_norm_fake']:.3g} | lr {logs['lr']:.3g}/"
                        f"{args.fake_learning_rate:g} | {dt:.2f} s/step | {logs['img_per_sec']:.1f} img/s | "
                        f"mem {logs['peak_mem_gb']:.2f} GB | skipped {run.skipped}")
             log.write(json.dumps({k: v if math.isfinite(v) else None for k, v in logs.items()}) + "\n")  # NaN -> null
