@@ -252,6 +252,9 @@ def test_fake_loss_falls_on_a_fixed_batch(tmp_path):
         eps = run.teacher(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond).sample
     losses = [wadi.fake_loss(run, x0, cond, t, noise)]
     assert losses[0].item() == pytest.approx((a * (eps - noise) ** 2).mean().item(), rel=1e-4)
+    run.args.fake_weighting = "none"  # eq. 12 as the paper prints it: no weight
+    assert wadi.fake_loss(run, x0, cond, t, noise).item() == pytest.approx(((eps - noise) ** 2).mean().item(), rel=1e-4)
+    run.args.fake_weighting = "abar"
     for _ in range(50):  # Adam at the fake lr 1e-2: the loss halves after ~40 steps on this batch
         wadi.update(losses[-1], run.fake_params, run.opt_f, run.scaler_f, 1)
         losses.append(wadi.fake_loss(run, x0, cond, t, noise))

@@ -73,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--fake_rank", type=int, default=32)
     p.add_argument("--guidance_scale", type=float, default=1.5, help="CFG on both teacher and fake score")
     p.add_argument("--fake_updates", type=int, default=1, help="fake-model steps per generator step (DMD2: 5)")
+    p.add_argument("--fake_weighting", choices=["abar", "none"], default="abar",
+                   help="eq. 12's weight: abar_t as the authors' code; none as the paper prints it (README: toy)")
     p.add_argument("--ema_decay", type=float, default=0.0, help="EMA of the student angles; 0 = off")
     # numerics and memory
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
@@ -238,13 +240,14 @@ def vsd_loss(run, x0, cond, uncond, t, noise):
 
 
 def fake_loss(run, x0, cond, t, noise):
-    """Eq. (12): the fake model learns to denoise the student's samples (eq. 1's loss, weighted by abar_t as in the
-    authors' code; the paper prints it unweighted, which the toy study found no better: README, toy)."""
+    """Eq. (12): the fake model learns to denoise the student's samples (eq. 1's loss). The authors' code weights it
+    by abar_t, which all but mutes high t, where the student's share of each mode shows (README: toy)."""
     a = run.abar[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     with run.autocast:
         eps = run.fake(x_t, t, cond).sample.float()
-    return F.mse_loss(a.sqrt() * eps, a.sqrt() * noise)
+    w = a if run.args.fake_weighting == "abar" else torch.ones_like(a)
+    return F.mse_loss(w.sqrt() * eps, w.sqrt() * noise)
 
 
 def update(loss, params, opt, scaler, world):
