@@ -977,6 +977,29 @@ def test_toy_exact_eps_is_tweedie():
     assert torch.allclose(ours, tweedie, atol=1e-9, rtol=1e-7)
 
 
+def test_toy_teacher_lr(tmp_path):
+    """bench.py toy's teacher takes the lr asked for: AdamW's first step moves every weight with a gradient by lr
+    (m/sqrt(v) = sign(g) after bias correction; weight decay adds 1% of lr * |w|), and it saves a folder that stock
+    diffusers loads."""
+    import bench
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    wadi.build_tiny_pipeline(str(tmp_path / "init"))  # seeded: the teacher's starting point
+    bench.train_toy_teacher(str(tmp_path / "t"), bench.toy_modes(0), 1, lr=2e-3)
+    before = UNet2DConditionModel.from_pretrained(str(tmp_path / "init"), subfolder="unet")
+    after = StableDiffusionPipeline.from_pretrained(str(tmp_path / "t")).unet
+    moved = torch.cat([(a - b).abs().flatten() for a, b in zip(after.parameters(), before.parameters())])
+    assert moved.max().item() == pytest.approx(2e-3, rel=0.03)
+    assert moved.median().item() == pytest.approx(2e-3, rel=0.03)  # most weights: exactly one lr
+
+
+@pytest.mark.parametrize("flags", [["--teacher_lr", "nan"], ["--steps", "0"]])
+def test_toy_bad_flags(tmp_path, flags):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "toy", *flags, "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=TIMEOUT, cwd=HERE)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and flags[0] in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_toy_diagnostics_vsd_gradient(full_run, tiny, tmp_path):
     """bench.py toy's per-checkpoint diagnostics read a real checkpoint: the VSD gradient (eq. 11) is non-zero
     after training, and exactly zero when the fake's angles are put back to their init (fake == teacher)."""
