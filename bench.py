@@ -967,14 +967,19 @@ def bench_toy(args):
            "--output_dir", student, "--max_train_steps", str(S), "--checkpointing_steps", str(max(1, S // 10)),
            "--validation_steps", str(S), *flags]
     print("wadi.py flags for the toy:", " ".join(flags), "--max_train_steps", S)
-    done = student + ".json"  # the finished run's command and wall time: rerun only what changed
-    if not os.path.exists(done) or json.load(open(done))["cmd"] != cmd[1:]:
+    def cached(path):  # a finished run's record (its command, wall time, scores), if made by this very command
+        if os.path.exists(path):
+            with open(path) as f:
+                record = json.load(f)
+            return record if record["cmd"] == cmd[1:] else None
+    done = student + ".json"  # rerun only what changed
+    if not cached(done):
         print(" ".join(cmd[1:]))
         shutil.rmtree(student, ignore_errors=True)
         t0 = time.time()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         json.dump(dict(cmd=cmd[1:], minutes=(time.time() - t0) / 60), open(done, "w"))
-    minutes = json.load(open(done))["minutes"]
+    minutes = cached(done)["minutes"]
     # scores, every sample through a stock diffusers pipeline
     pipe = StableDiffusionPipeline.from_pretrained(teacher, low_cpu_mem_usage=False)
     config, n = pipe.scheduler.config, args.samples
@@ -986,13 +991,13 @@ def bench_toy(args):
     rows["teacher, 25 DDIM steps, no CFG"] = toy_scores(toy_samples(pipe, 25, 1.0, n), modes)
     rows["teacher, 25 DDIM steps, CFG 1.5"] = toy_scores(toy_samples(pipe, 25, 1.5, n), modes)
     ceiling = os.path.join(out, f"ceiling-{tag}.json")  # cached like the run it is compared with
-    if not os.path.exists(ceiling) or json.load(open(ceiling))["cmd"] != cmd[1:]:
+    if not cached(ceiling):
         t0 = time.time()
         pipe.unet, before, after = toy_ceiling(pipe, [*cmd[2:], "--output_dir", os.path.join(out, "unused")])
         pipe.scheduler = one_step
         json.dump(dict(cmd=cmd[1:], minutes=(time.time() - t0) / 60, mse=[before, after],
                        scores=toy_scores(toy_samples(pipe, 1, 0, n), modes)), open(ceiling, "w"))
-    fit = json.load(open(ceiling))
+    fit = cached(ceiling)
     print(f"regression ceiling: the student fitted to 25-step samples, MSE {fit['mse'][0]:.3f} -> {fit['mse'][1]:.3f}")
     rows[f"student fitted to the 25-step samples ({S} steps, {fit['minutes']:.1f} min): the ceiling"] = fit["scores"]
     exported = StableDiffusionPipeline.from_pretrained(os.path.join(student, "pipeline"), low_cpu_mem_usage=False)

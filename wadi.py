@@ -246,8 +246,8 @@ def fake_loss(run, x0, cond, t, noise):
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     with run.autocast:
         eps = run.fake(x_t, t, cond).sample.float()
-    w = a if run.args.fake_weighting == "abar" else torch.ones_like(a)
-    return F.mse_loss(w.sqrt() * eps, w.sqrt() * noise)
+    w = a if run.args.fake_weighting == "abar" else 1
+    return (w * (eps - noise).square()).mean()
 
 
 def update(loss, params, opt, scaler, world):
@@ -583,8 +583,8 @@ def main(argv=None):
                             f"Last checkpoint: {last[-1] if last else 'none'}")
         if master:
             dt = time.time() - t0
-            logs.update(step=step + 1, lr=run.opt_s.param_groups[0]["lr"], fake_lr=args.fake_learning_rate, sec_per_step=dt,
-                        img_per_sec=args.train_batch_size * run.world / dt, peak_mem_gb=peak_memory_gb(run.device),
+            logs.update(step=step + 1, lr=run.opt_s.param_groups[0]["lr"], fake_lr=args.fake_learning_rate,
+                        sec_per_step=dt, img_per_sec=args.train_batch_size * run.world / dt, peak_mem_gb=peak_memory_gb(run.device),
                         skipped=run.skipped)
             tqdm.write(f"step {step + 1}/{run.max_steps} | vsd {logs['loss_vsd']:.4g} | fake {logs['loss_fake']:.4g} | "
                        f"gnorm {logs['grad_norm_student']:.3g}/{logs['grad_norm_fake']:.3g} | lr {logs['lr']:.3g}/"
