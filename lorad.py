@@ -86,7 +86,7 @@ class _LoRaDFunction(torch.autograd.Function):
         # G = dL/dW' is the weight-gradient GEMM a frozen Linear would skip: LoRaD's one real cost.
         G = (dy.flatten(0, -2).mT @ x.flatten(0, -2)).to(w_rot.dtype)
         # d/dtheta of the pair w' = w e^{i theta} is i w', so dL/dtheta = Re(conj(g) i w') = Im(g conj(w'))
-        # = G_odd W'_even - G_even W'_odd (SPEC: dL/dtheta = G_o * W'_e - G_e * W'_o). Written in reals:
+        # = G_odd W'_even - G_even W'_odd. Written in reals:
         # the complex form would copy conj(w') and return a strided .imag that both matmuls below copy.
         g, w = G.unflatten(-1, (-1, 2)), w_rot.unflatten(-1, (-1, 2))
         dtheta = (g[..., 1] * w[..., 0]).addcmul_(g[..., 0], w[..., 1], value=-1)

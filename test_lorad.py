@@ -1,5 +1,5 @@
 """Tests for lorad.py: the fast path against the paper's equations, plain autograd and the paper's tables, and
-lorad.py used alone in transformers and diffusers models (the README's examples, run as written).
+lorad.py used alone in transformers and diffusers models (the examples of README.md and docs/lorad.md, as written).
 
     python -m pytest -q test_lorad.py      # the tests
     python test_lorad.py                   # prints the README's parameter-count table
@@ -12,12 +12,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from bench import SD15, SD21  # the UNet architectures of SD1.5 and SD2.1
+from benchmarks.sd import SD15, SD21  # the UNet architectures of SD1.5 and SD2.1 (configs only)
 from lorad import (LoRaDLinear, add_lorad, load_lorad, lorad_state_dict, merge_lorad, rotate,
                    rotate_reference, weight_change)
 
 SHAPES = [(1, 2), (3, 4), (7, 10), (16, 32), (33, 64)]  # (out, in)
-STUDENT = dict(include=("down_blocks", "mid_block", "up_blocks"))  # SPEC §2
+STUDENT = dict(include=("down_blocks", "mid_block", "up_blocks"))  # the student's layers (paper Table 3's counts)
 FAKE = dict(include=STUDENT["include"], exclude=("proj_in", "proj_out", "time_emb_proj"))
 
 
@@ -177,7 +177,7 @@ def test_autocast_bf16_matches_plain_autograd():
 
 
 def test_autocast_keeps_angles_fp32():
-    """SPEC §1: theta, cos, sin and W' in fp32, cast to the autocast dtype only at the matmul. bf16 keeps 8 bits
+    """theta, cos, sin and W' in fp32, cast to the autocast dtype only at the matmul. bf16 keeps 8 bits
     of theta = theta_a @ theta_b; rounded there, small rotations move, so the output would not be bitwise this."""
     m = lorad_layer(64, 128, 16)
     with torch.no_grad():
@@ -335,15 +335,16 @@ def test_paper_parameter_counts(arch, adapter, rank, layers, expected, paper):
     assert f"{expected / 1e6:.2f}M" == paper
 
 
-def readme_python_blocks():
+def python_blocks(doc):
+    """The ```python blocks of README.md or of a file in docs/, as written."""
     import os
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8") as f:
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), doc), encoding="utf-8") as f:
         return [b.split("```", 1)[0] for b in f.read().split("```python\n")[1:]]
 
 
 def test_readme_usage_example(tmp_path, monkeypatch):
     """The README's LoRaD example runs as written and does what its comments say."""
-    example = [b for b in readme_python_blocks() if "add_lorad" in b][0]
+    example = [b for b in python_blocks("README.md") if "add_lorad" in b][0]
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(compile(example, "README.md", "exec"), scope)
@@ -353,17 +354,17 @@ def test_readme_usage_example(tmp_path, monkeypatch):
 
 
 def test_readme_transformers_llama(tmp_path, monkeypatch):
-    """The README's LLaMA example as written: LoRaD on every attention and MLP projection (by include=), the loss
+    """docs/lorad.md's LLaMA example as written: LoRaD on every attention and MLP projection (by include=), the loss
     falls, merge, save_pretrained, and stock from_pretrained loads a checkpoint without LoRaD keys that gives the
     same logits; against the same random init, the adapted layers' rows are rotated (norms kept) and nothing else
     changed."""
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
-    example = [b for b in readme_python_blocks() if "LlamaForCausalLM" in b][0]
+    example = [b for b in python_blocks("docs/lorad.md") if "LlamaForCausalLM" in b][0]
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)  # the example's model is its first use of the global RNG: rebuilt below, same init
     scope = {}
-    exec(compile(example, "README.md", "exec"), scope)
+    exec(compile(example, "docs/lorad.md", "exec"), scope)
     config, ids, losses, names = scope["config"], scope["ids"], scope["losses"], scope["names"]
     projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -390,7 +391,7 @@ def test_readme_transformers_llama(tmp_path, monkeypatch):
 
 
 def test_readme_dreambooth_finetuning(tmp_path, monkeypatch):
-    """The README's DreamBooth-style recipe, lorad.py alone in a plain diffusers loop, on the tiny SD-shaped pipeline
+    """docs/lorad.md's DreamBooth-style recipe, lorad.py alone in a plain diffusers loop, on the tiny SD-shaped pipeline
     (64 px, 30 steps, a larger lr for a random UNet): the denoising loss (eq. 1) on a fixed draw of noise and
     timesteps falls, and the saved folder is a stock pipeline whose UNet differs from the base only by rotated rows."""
     import numpy as np
@@ -398,7 +399,7 @@ def test_readme_dreambooth_finetuning(tmp_path, monkeypatch):
     from PIL import Image
     from safetensors.torch import load_file
     from wadi import build_tiny_pipeline  # a tiny SD-shaped pipeline folder, offline; the recipe knows nothing of wadi
-    recipe = [b for b in readme_python_blocks() if "sks dog" in b][0]
+    recipe = [b for b in python_blocks("docs/lorad.md") if "sks dog" in b][0]
     knobs = "resolution, steps, lr, rank = 512, 400, 1e-4, 64"
     assert knobs in recipe and '"my-dog/*.jpg"' in recipe
     recipe = recipe.replace(knobs, "resolution, steps, lr, rank = 64, 30, 1e-2, 8")
@@ -414,7 +415,7 @@ def test_readme_dreambooth_finetuning(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     scope = {}
-    exec(compile(recipe, "README.md", "exec"), scope)
+    exec(compile(recipe, "docs/lorad.md", "exec"), scope)
     latents, emb, scheduler, names = scope["latents"], scope["emb"], scope["scheduler"], scope["names"]
 
     base = StableDiffusionPipeline.from_pretrained(tmp_path / "sd").unet

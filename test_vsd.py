@@ -20,8 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import bench
 import wadi
+from benchmarks import plan, sd, toy
+from benchmarks import step as step_bench
 from lorad import LoRaDLinear, add_lorad, load_lorad, lorad_state_dict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -88,7 +89,7 @@ def set_fake_angles(run, std=0.05, seed=0):
 def test_schedule_is_sd15_closed_form(tmp_path):
     run = make_run(tmp_path)
     torch.testing.assert_close(run.abar.double(), abar_closed_form(), rtol=1e-5, atol=0)  # fp32 cumprod rounding
-    assert run.abar[999].item() == pytest.approx(0.00466, abs=5e-6)  # SPEC: 0.00466, not the authors' 0.0047
+    assert run.abar[999].item() == pytest.approx(0.00466, abs=5e-6)  # the schedule's own value, not the authors' hard-coded 0.0047
     assert run.scheduler.config.prediction_type == "epsilon"
 
 
@@ -142,7 +143,7 @@ def test_adapter_init_depends_on_seed_only(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# the VSD step (issue items 1-4)
+# the VSD step
 
 
 def test_vsd_gradient_is_weighted_score_difference(tmp_path):
@@ -155,7 +156,12 @@ def test_vsd_gradient_is_weighted_score_difference(tmp_path):
     t = torch.tensor([50, 900])
     cond = wadi.encode(run, ["a red fox", "a blue car"])
     uncond = run.null_emb.expand_as(cond)
-    loss = wadi.vsd_loss(run, x0, cond, uncond, t, noise)
+    # the step's own pieces: the forward process, both guided scores, eq. 11's surrogate
+    x_t = wadi.diffuse(x0.detach(), t, noise, run.abar)
+    with torch.no_grad():
+        eps_real = wadi.guided_eps(run.teacher, x_t, t, cond, uncond, run.args.guidance_scale)
+        eps_fake = wadi.guided_eps(run.fake, x_t, t, cond, uncond, run.args.guidance_scale)
+    loss = wadi.vsd_loss(x0, eps_real, eps_fake, run.abar[t])
     loss.backward()
     # independently: separate cond/uncond UNet calls, CFG by hand, the closed-form schedule
     a = abar_closed_form()[t].float().view(-1, 1, 1, 1)
@@ -250,14 +256,13 @@ def test_fake_loss_falls_on_a_fixed_batch(tmp_path):
     a = abar_closed_form()[t].float().view(-1, 1, 1, 1)
     with torch.no_grad():
         eps = run.teacher(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond).sample
-    losses = [wadi.fake_loss(run, x0, cond, t, noise)]
+    losses = [wadi.fake_loss(run.fake, x0, t, noise, cond, run.abar)]
     assert losses[0].item() == pytest.approx((a * (eps - noise) ** 2).mean().item(), rel=1e-4)
-    run.args.fake_weighting = "none"  # eq. 12 as the paper prints it: no weight
-    assert wadi.fake_loss(run, x0, cond, t, noise).item() == pytest.approx(((eps - noise) ** 2).mean().item(), rel=1e-4)
-    run.args.fake_weighting = "abar"
+    unweighted = wadi.fake_loss(run.fake, x0, t, noise, cond, run.abar, weighted=False)  # eq. 12 as the paper prints it
+    assert unweighted.item() == pytest.approx(((eps - noise) ** 2).mean().item(), rel=1e-4)
     for _ in range(50):  # Adam at the fake lr 1e-2: the loss halves after ~40 steps on this batch
         wadi.update(losses[-1], run.fake_params, run.opt_f, run.scaler_f, 1)
-        losses.append(wadi.fake_loss(run, x0, cond, t, noise))
+        losses.append(wadi.fake_loss(run.fake, x0, t, noise, cond, run.abar))
     assert losses[-1].item() < 0.5 * losses[0].item(), [round(x.item(), 4) for x in losses]
 
 
@@ -278,7 +283,7 @@ def test_linear_lr_schedule_anneals_the_student_alone(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# non-finite losses (issue item 9)
+# non-finite losses
 
 
 def nan_student(monkeypatch, first_bad_step):
@@ -340,7 +345,7 @@ def test_ten_nan_steps_stop_the_run(tmp_path, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# the CLI end to end (issue items 5-7), in a few shared subprocess runs
+# the CLI end to end, in a few shared subprocess runs
 
 
 RUN_ARGS = ["--pretrained_model_name_or_path", "tiny", "--prompts", PROMPTS, "--checkpointing_steps", "1",
@@ -596,7 +601,7 @@ def test_readme_controlnet_in_one_step(full_run, tiny, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# bad inputs (issue item 8): one line on stderr, non-zero exit, nothing written
+# bad inputs: one line on stderr, non-zero exit, nothing written
 
 
 def snapshot(path):
@@ -694,9 +699,9 @@ def test_rank_above_min_out_in_half_is_reported(tmp_path):
     such layers) and reported in one line. The tiny UNet's 48 student layers reach min(out, in/2) >= 64 only in its
     six 64-channel layers fed by 128 or 256 features (time_emb_proj, the mid block's ff.net.2)."""
     run = make_run(tmp_path, "--student_rank", "64", "--fake_rank", "4")
-    assert sum(p.numel() for p in run.student_params) == 297_984  # what the note calls 0.30M angles
+    assert sum(p.numel() for p in run.student_params) == 297_984
     assert run.rank_note == ("a rank above a layer's min(out, in/2) adds angles, not expressivity: --student_rank 64 "
-                             "in 42 of 48 layers (0.30M angles; 0.14M at rank min(r, out, in/2) reach the same)")
+                             "in 42 of 48 layers")
     assert make_run(tmp_path, "--student_rank", "16", "--fake_rank", "4").rank_note is None  # 16 = the smallest
 
 
@@ -714,10 +719,14 @@ def test_bad_input_cli(case, tmp_path, tiny):
 # the README's commands, run as written (paths moved to a temporary folder), so they cannot rot
 
 
-def readme_blocks(lang):
-    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
-        text = f.read()
-    return [b.split("```", 1)[0] for b in text.split(f"```{lang}\n")[1:]]
+def doc_text(doc):
+    with open(os.path.join(HERE, doc), encoding="utf-8") as f:
+        return f.read()
+
+
+def readme_blocks(lang, doc="README.md"):
+    """The ```lang blocks of README.md (or of a file in docs/), as written."""
+    return [b.split("```", 1)[0] for b in doc_text(doc).split(f"```{lang}\n")[1:]]
 
 
 def test_readme_quick_start_and_sampling_snippet(tmp_path):
@@ -751,17 +760,19 @@ def test_readme_journeydb_command(tmp_path):
     assert wadi.read_prompts(str(tmp_path / "journeydb_prompts.txt")) == ["a cat, in the rain", "Ünïcode castle --ar 16:9"]
 
 
+GPU_DOC = "docs/gpu.md"
+
+
 def test_readme_plan_line():
-    """The README's one-setting plan command, run as written: it prints the line the README quotes, and that line's
-    numbers are the README table's row for the same setting."""
-    command = [line for b in readme_blocks("bash") for line in b.splitlines() if line.startswith("python bench.py plan")]
+    """docs/gpu.md's one-setting plan command, run as written: it prints the line the doc quotes, and that line's
+    numbers are the doc's table row for the same setting."""
+    command = [line for b in readme_blocks("bash", GPU_DOC) for line in b.splitlines() if line.startswith("python bench.py plan")]
     assert len(command) == 1 and "--batch 16 --mixed_precision bf16 --gradient_checkpointing" in command[0]
     r = subprocess.run([sys.executable, *command[0].split()[1:]], capture_output=True, text=True, timeout=TIMEOUT,
                        cwd=HERE)
     assert r.returncode == 0, r.stderr[-3000:]
     line = r.stdout.strip().splitlines()[-1]
-    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
+    readme = doc_text(GPU_DOC)
     assert f"\n    {line}\n" in readme, line
     row = [cells.split(" | ") for cells in readme.splitlines() if cells.startswith("| SD1.5 | 16 | bf16, fp16 | yes |")]
     assert len(row) == 1
@@ -785,7 +796,7 @@ def test_train_sh_flags_parse():
 # -----------------------------------------------------------------------------
 # bench.py plan: GPU memory counted on fake tensors, held against the same step on real ones (CPU)
 
-MID = dict(bench.STEP_SIZES["mid"][0], sample_size=16)  # bench.py step's mid-size UNet, at 16x16 latents
+MID = dict(step_bench.STEP_SIZES["mid"][0], sample_size=16)  # bench.py step's mid-size UNet, at 16x16 latents
 MID_ARGV = ["--resolution", "128", "--student_rank", "16", "--fake_rank", "4"]
 
 
@@ -803,8 +814,8 @@ def test_plan_counts_what_the_real_step_keeps(tiny, tmp_path, monkeypatch):
     torch.profiler from the CPU allocator's own events. Both are counted above the state between steps (weights,
     angles, AdamW moments), which the two runs share."""
     from diffusers import UNet2DConditionModel
-    count = bench.count_step(MID, *tiny_text_and_vae(tiny), [*MID_ARGV, "--train_batch_size", "2"], as_on_gpu=False)
-    predicted = bench.plan_row(count)
+    count = plan.count_step(MID, *tiny_text_and_vae(tiny), [*MID_ARGV, "--train_batch_size", "2"], as_on_gpu=False)
+    predicted = plan.plan_row(count)
     predicted["step"] = predicted["peak"] - count["timeline"][0].sum().item()
     # the same run on real tensors, random weights
     torch.manual_seed(0)
@@ -813,7 +824,7 @@ def test_plan_counts_what_the_real_step_keeps(tiny, tmp_path, monkeypatch):
     args = wadi.parse_args(["--prompts", PROMPTS, "--output_dir", str(tmp_path / "out"), *MID_ARGV,
                             "--train_batch_size", "2"])
     run = wadi.setup(args, parts=(tokenizer, text_encoder, vae, unet, scheduler))
-    bench.as_between_steps(run)
+    plan.as_between_steps(run)
     static = {t.untyped_storage().data_ptr() for m in (run.teacher, run.text_encoder, run.vae, run.student, run.fake)
               for t in [*m.parameters(), *m.buffers()]}
     static |= {t.untyped_storage().data_ptr() for opt in (run.opt_s, run.opt_f) for s in opt.state.values()
@@ -848,28 +859,28 @@ def test_plan_counts_what_the_real_step_keeps(tiny, tmp_path, monkeypatch):
 def mid_counts(tiny):
     """The plan's counts of the mid UNet, as a GPU run would keep them: bf16, gradient checkpointing, batches 2, 4, 6."""
     text, vae = tiny_text_and_vae(tiny)
-    return {b: bench.count_step(MID, text, vae, [*MID_ARGV, "--mixed_precision", "bf16", "--gradient_checkpointing",
+    return {b: plan.count_step(MID, text, vae, [*MID_ARGV, "--mixed_precision", "bf16", "--gradient_checkpointing",
                                                  "--train_batch_size", str(b)]) for b in (2, 4, 6)}
 
 
 def test_plan_reads_batches_off_exactly(mid_counts, monkeypatch, capsys):
     """The table counts two batch sizes and reads those between off the two (every tensor's size is affine in the
     batch): the whole timeline at batch 4 from batches 2 and 6 equals a direct count, and so do the table's cells."""
-    read_off = bench.at_batch({2: mid_counts[2], 6: mid_counts[6]}, 4)
+    read_off = plan.at_batch({2: mid_counts[2], 6: mid_counts[6]}, 4)
     assert torch.equal(read_off["timeline"], mid_counts[4]["timeline"]) and read_off["flops"] == mid_counts[4]["flops"]
     assert not torch.equal(mid_counts[2]["timeline"], mid_counts[4]["timeline"])
 
     def plan_count(model, resolution, batch, mixed_precision, checkpointing):
         assert batch != 4, "batch 4 lies between 2 and 6: it is read off, not counted"
         return mid_counts[batch]
-    monkeypatch.setattr(bench, "plan_count", plan_count)
-    monkeypatch.setattr(bench, "PLAN_BATCHES", (2, 4, 6))
-    bench.bench_plan(argparse.Namespace(models=["sd15"], resolution=512, batch=None, gpu_tflops=312, mfu=0.4))
+    monkeypatch.setattr(plan, "plan_count", plan_count)
+    monkeypatch.setattr(plan, "PLAN_BATCHES", (2, 4, 6))
+    plan.bench_plan(argparse.Namespace(models=["sd15"], resolution=512, batch=None, gpu_tflops=312, mfu=0.4))
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
     assert [(r[1], r[2], r[3]) for r in rows] == [(b, "bf16, fp16", ckpt) for ckpt in ("no", "yes") for b in "246"]
-    direct = bench.plan_row(mid_counts[4])
+    direct = plan.plan_row(mid_counts[4])
     weights, adapters, frozen, activations, peak = (float(c.strip("*")) for c in rows[1][4:9])
-    assert (weights, adapters, frozen) == tuple(round(direct[k] / 2**30, 2) for k in bench.CATEGORIES[:3])
+    assert (weights, adapters, frozen) == tuple(round(direct[k] / 2**30, 2) for k in plan.CATEGORIES[:3])
     assert (activations, peak) == (round(direct["activations at peak"] / 2**30, 2), round(direct["peak"] / 2**30, 2))
     assert float(rows[1][-2]) == round(direct["flops"] / 1e12, 1)
 
@@ -877,7 +888,7 @@ def test_plan_reads_batches_off_exactly(mid_counts, monkeypatch, capsys):
 def test_plan_gpu_numerics(tmp_path):
     """What the plan changes to count as on a GPU, checked on the real step: CUDA's autocast lists (torch.amp docs)
     treat this step's ops as the CPU's, except group_norm and layer_norm, which CUDA runs in fp32 from bf16 inputs,
-    and which bench.cuda_autocast_norms runs in fp32 as well."""
+    and which plan.cuda_autocast_norms runs in fp32 as well."""
     import torch.nn.functional as F
     from torch.overrides import TorchFunctionMode
     cuda_fp32 = {  # "CUDA Ops that can autocast to float32"
@@ -896,7 +907,7 @@ def test_plan_gpu_numerics(tmp_path):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             name, kwargs = getattr(func, "__name__", ""), kwargs or {}
             if torch.is_autocast_enabled("cpu") and (name in cuda_only_lower or name in cuda_fp32 and any(
-                    t.dtype == torch.bfloat16 for t in bench.tensors_in([*args, *kwargs.values()]))):
+                    t.dtype == torch.bfloat16 for t in plan.tensors_in([*args, *kwargs.values()]))):
                 seen.add(name)
             return func(*args, **kwargs)
     run = make_run(tmp_path, "--mixed_precision", "bf16")
@@ -906,7 +917,7 @@ def test_plan_gpu_numerics(tmp_path):
     x = torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert F.group_norm(x, 2).dtype == F.layer_norm(x, (4,)).dtype == torch.bfloat16  # the CPU's autocast
-        with bench.cuda_autocast_norms():
+        with plan.cuda_autocast_norms():
             assert F.group_norm(x, 2).dtype == F.layer_norm(x, (4,)).dtype == torch.float32
 
 
@@ -916,55 +927,53 @@ def test_sd_architectures_have_their_published_sizes():
     from transformers import CLIPTextConfig, CLIPTextModel
     count = lambda model: sum(p.numel() for p in model.parameters())
     with torch.device("meta"):
-        assert count(UNet2DConditionModel(**bench.SD15)) == 859_520_964
-        assert count(UNet2DConditionModel(**bench.SD21)) == 865_910_724
-        assert count(CLIPTextModel(CLIPTextConfig(**bench.SD15_TEXT))) == 123_060_480
-        assert count(CLIPTextModel(CLIPTextConfig(**bench.SD21_TEXT))) == 340_387_840
-        assert count(AutoencoderKL(**bench.SD_VAE)) == 83_653_863
+        assert count(UNet2DConditionModel(**sd.SD15)) == 859_520_964
+        assert count(UNet2DConditionModel(**sd.SD21)) == 865_910_724
+        assert count(CLIPTextModel(CLIPTextConfig(**sd.SD15_TEXT))) == 123_060_480
+        assert count(CLIPTextModel(CLIPTextConfig(**sd.SD21_TEXT))) == 340_387_840
+        assert count(AutoencoderKL(**sd.SD_VAE)) == 83_653_863
 
 
 # -----------------------------------------------------------------------------
 # bench.py toy: the scores behind the README's distillation table, against closed forms
 
 def test_toy_scores_closed_form():
-    import bench
-    modes = bench.toy_modes(1)
+    modes = toy.toy_modes(1)
     assert modes.square().mean().item() == pytest.approx(1.0)  # unit variance, as SD latents
     exact = modes.repeat(1, 2, 1, 1, 1)  # every prompt's own modes, twice
-    s = bench.toy_scores(exact, modes)
+    s = toy.toy_scores(exact, modes)
     assert (s["precision"], s["coverage"], s["adherence"]) == (1.0, 1.0, 1.0)
     assert s["dist"] == pytest.approx(0, abs=1e-5) and s["off"] == pytest.approx(0, abs=1e-5)
     wrong = modes.roll(1, dims=0)  # prompt p asks, the modes of prompt p-1 answer
-    s = bench.toy_scores(wrong, modes)
+    s = toy.toy_scores(wrong, modes)
     assert (s["precision"], s["coverage"], s["adherence"]) == (1.0, 0.0, 0.0)
     # a step of length 2 orthogonal to every mode: distance 2, all of it off the modes' span, inside tau
     centers = modes.flatten(2).flatten(0, 1)
     v = torch.randn(centers.shape[1], generator=torch.Generator().manual_seed(0))
     basis = torch.linalg.qr(centers.T).Q
     v = v - basis @ (basis.T @ v)
-    s = bench.toy_scores(modes + (2 * v / v.norm()).view(1, 1, *modes.shape[2:]), modes)
+    s = toy.toy_scores(modes + (2 * v / v.norm()).view(1, 1, *modes.shape[2:]), modes)
     assert s["dist"] == pytest.approx(2, rel=1e-4) and s["off"] == pytest.approx(2, rel=1e-4)
-    assert bench.toy_tau(modes) > 2 and s["precision"] == 1.0
+    assert toy.toy_tau(modes) > 2 and s["precision"] == 1.0
     # Frechet distance: a set against itself is 0; shifted by mu (same covariance) it is |mu|^2
     a = torch.randn(500, 8, generator=torch.Generator().manual_seed(1))
     mu = torch.arange(8.0) / 4
-    assert bench.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
-    assert bench.frechet_distance(a, a + mu) == pytest.approx(mu.square().sum().item(), rel=1e-6)
+    assert toy.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    assert toy.frechet_distance(a, a + mu) == pytest.approx(mu.square().sum().item(), rel=1e-6)
 
 
 def test_toy_exact_eps_is_tweedie():
     """The toy teacher's regression target against Tweedie's formula eps* = -sigma grad log p_t(x_t), with
     p_t the noised mixture's density written out (logsumexp of Gaussians) and differentiated by autograd in
     fp64: a prompt's own modes, and every mode for the empty prompt (-1)."""
-    import bench
-    modes = bench.toy_modes(2).double()
+    modes = toy.toy_modes(2).double()
     abar = abar_closed_form()
     t = torch.tensor([0, 150, 500, 900, 999, 999, 700])
     prompt = torch.tensor([0, 1, 2, 3, 0, -1, -1])
     x = (3 * torch.randn(len(t), *modes.shape[2:], generator=torch.Generator().manual_seed(0))).double()
     x.requires_grad_(True)
     a, var = abar[t].sqrt().view(-1, 1), 1 - abar[t].view(-1, 1)
-    v = a ** 2 * bench.TOY_NOISE ** 2 + var
+    v = a ** 2 * toy.TOY_NOISE ** 2 + var
     centers = modes.flatten(2)
     log_p = 0
     for i, p in enumerate(prompt.tolist()):
@@ -973,7 +982,7 @@ def test_toy_exact_eps_is_tweedie():
         log_p = log_p + torch.logsumexp(-sq / (2 * v[i]), 0)  # equal weights; constants drop out of the gradient
     (score,) = torch.autograd.grad(log_p, x)
     tweedie = -var.sqrt().view(-1, 1, 1, 1) * score
-    ours = bench.toy_exact_eps(x.detach(), t, prompt, modes, abar)
+    ours = toy.toy_exact_eps(x.detach(), t, prompt, modes, abar)
     assert torch.allclose(ours, tweedie, atol=1e-9, rtol=1e-7)
 
 
@@ -981,10 +990,9 @@ def test_toy_teacher_lr(tmp_path):
     """bench.py toy's teacher takes the lr asked for: AdamW's first step moves every weight with a gradient by lr
     (m/sqrt(v) = sign(g) after bias correction; weight decay adds 1% of lr * |w|), and it saves a folder that stock
     diffusers loads."""
-    import bench
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     wadi.build_tiny_pipeline(str(tmp_path / "init"))  # seeded: the teacher's starting point
-    bench.train_toy_teacher(str(tmp_path / "t"), bench.toy_modes(0), 1, lr=2e-3)
+    toy.train_toy_teacher(str(tmp_path / "t"), toy.toy_modes(0), 1, lr=2e-3)
     before = UNet2DConditionModel.from_pretrained(str(tmp_path / "init"), subfolder="unet")
     after = StableDiffusionPipeline.from_pretrained(str(tmp_path / "t")).unet
     moved = torch.cat([(a - b).abs().flatten() for a, b in zip(after.parameters(), before.parameters())])
@@ -1003,19 +1011,18 @@ def test_toy_bad_flags(tmp_path, flags):
 def test_toy_diagnostics_vsd_gradient(full_run, tiny, tmp_path):
     """bench.py toy's per-checkpoint diagnostics read a real checkpoint: the VSD gradient (eq. 11) is non-zero
     after training, and exactly zero when the fake's angles are put back to their init (fake == teacher)."""
-    import bench
     from safetensors.torch import load_file, save_file
-    modes, ckpt = bench.toy_modes(0), wadi.list_checkpoints(full_run)[-1]
-    trained = bench.toy_diagnostics(tiny, ckpt, modes, 1.5)
-    assert all(trained[lo]["g"] > 0 and math.isfinite(trained[lo]["cos"]) for lo, _ in bench.TOY_BUCKETS)
+    modes, ckpt = toy.toy_modes(0), wadi.list_checkpoints(full_run)[-1]
+    trained = toy.toy_diagnostics(tiny, ckpt, modes, 1.5)
+    assert all(trained[lo]["g"] > 0 and math.isfinite(trained[lo]["cos"]) for lo, _ in toy.TOY_BUCKETS)
     assert trained["err_in"] > 0 and trained["err_off"] > 0
     reset = tmp_path / "ckpt"
     shutil.copytree(ckpt, reset)
     fake = load_file(reset / "fake_lorad.safetensors")
     save_file({k: torch.zeros_like(v) if k.endswith("theta_a") else v for k, v in fake.items()},
               reset / "fake_lorad.safetensors")
-    same = bench.toy_diagnostics(tiny, str(reset), modes, 1.5, previous=trained["x0"])
-    assert all(same[lo]["g"] == 0 for lo, _ in bench.TOY_BUCKETS)
+    same = toy.toy_diagnostics(tiny, str(reset), modes, 1.5, previous=trained["x0"])
+    assert all(same[lo]["g"] == 0 for lo, _ in toy.TOY_BUCKETS)
     assert same["move"] == 0 and same["err_in"] == trained["err_in"]  # the student is the same checkpoint's
 
 
@@ -1026,13 +1033,13 @@ def test_toy_ceiling_fits_the_teachers_samples(tiny, tmp_path):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(tiny, low_cpu_mem_usage=False)
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(bench.TOY_PROMPTS) + "\n")
+    prompts.write_text("\n".join(toy.TOY_PROMPTS) + "\n")
     argv = ["--pretrained_model_name_or_path", tiny, "--prompts", str(prompts), "--output_dir", str(tmp_path / "out"),
             "--max_train_steps", "30", "--train_batch_size", "8", "--student_rank", "4", "--learning_rate", "1e-2"]
-    student, before, after = bench.toy_ceiling(pipe, argv, n=4)
-    target = bench.toy_samples(pipe, 25, 1.5, 4, 2000)  # pipe has the DDIM scheduler and the teacher's UNet still
+    student, before, after = toy.toy_ceiling(pipe, argv, n=4)
+    target = toy.toy_samples(pipe, 25, 1.5, 4, 2000)  # pipe has the DDIM scheduler and the teacher's UNet still
     pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
-    teacher_one_step = bench.toy_samples(pipe, 1, 0, 4, 2000)
+    teacher_one_step = toy.toy_samples(pipe, 1, 0, 4, 2000)
     assert before == pytest.approx(torch.nn.functional.mse_loss(teacher_one_step, target).item(), rel=1e-4)
     assert after < 0.9 * before
     assert not (tmp_path / "out").exists()  # the ceiling writes nothing

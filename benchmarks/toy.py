@@ -1,0 +1,410 @@
+"""Does wadi.py turn a multi-step teacher into a one-step generator? A toy with a known answer.
+
+    python bench.py toy [--seed 1] [--toy_unet tiny] [-- more wadi.py flags]
+
+A conditional distribution whose modes are known exactly, a small teacher trained on it (cached), wadi.py's own
+command line, and scores in latent space against the known modes, beside the regression ceiling.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import lorad
+import wadi
+
+TOY_PROMPTS = ["a red circle", "a green square", "a blue star", "a yellow moon"]
+TOY_MODES, TOY_NOISE = 3, 0.15  # modes per prompt; std of the data around each mode
+
+
+def toy_modes(seed):
+    """(prompts, modes, 4, 8, 8) latents: each mode a Gaussian bump at its own place on a 4x4 lattice, with a
+    +-1 channel signature per prompt, scaled so the modes have unit variance per element, as SD's latents have
+    (the VAE's scaling_factor): the noise schedule's signal-to-noise ratios are meant for that scale.
+    Modes are >= 18 apart; a sample of the data lies ~2.4 from its mode."""
+    g = torch.Generator().manual_seed(seed)
+    P, M = len(TOY_PROMPTS), TOY_MODES
+    lattice = torch.tensor([(y, x) for y in (1, 3, 5, 7) for x in (1, 3, 5, 7)], dtype=torch.float32)
+    pos = lattice[torch.randperm(16, generator=g)[:P * M]].view(P, M, 2, 1, 1)
+    sign = torch.randint(0, 2, (P, 1, 4, 1, 1), generator=g) * 2.0 - 1
+    yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    bump = torch.exp(-((yy - pos[:, :, 0]) ** 2 + (xx - pos[:, :, 1]) ** 2) / (2 * 0.8 ** 2))
+    modes = sign * bump[:, :, None]
+    return modes / modes.square().mean().sqrt()
+
+
+def toy_data(modes, prompt, generator):
+    """Samples of the data for the given prompt indices."""
+    m = torch.randint(modes.shape[1], prompt.shape, generator=generator)
+    return modes[prompt, m] + TOY_NOISE * torch.randn(len(prompt), *modes.shape[2:], generator=generator)
+
+
+def toy_exact_eps(x_t, t, prompt, modes, abar):
+    """E[eps | x_t, c]: what an infinitely trained teacher predicts. For data N(mu_k, s^2 I) with equal
+    weights, x_t | k ~ N(a mu_k, v I) with a = sqrt(abar_t), v = a^2 s^2 + 1 - abar_t, so the posterior over modes is
+    a softmax and eps* = sqrt(1 - abar_t) (x_t - a sum_k w_k mu_k) / v. prompt -1 is the empty prompt: every mode."""
+    P, M = modes.shape[:2]
+    centers = modes.flatten(2).flatten(0, 1)  # (P*M, D)
+    a, var = abar[t].sqrt().view(-1, 1), 1 - abar[t].view(-1, 1)
+    v = a ** 2 * TOY_NOISE ** 2 + var
+    x = x_t.flatten(1)
+    logits = (2 * a * x @ centers.T - a ** 2 * centers.square().sum(1)) / (2 * v)  # -|x - a mu|^2 / 2v, up to a const
+    own = (torch.arange(P * M) // M == prompt[:, None]) | (prompt[:, None] < 0)
+    w = logits.masked_fill(~own, -math.inf).softmax(1)
+    return (var.sqrt() * (x - a * w @ centers) / v).view_as(x_t)
+
+
+TOY_UNETS = {  # changes to the tiny pipeline's UNet config for the toy's teacher
+    "tiny": {},  # wadi.py's tiny UNet: cross-attention at its first level only, 1x1-conv projections around it
+    # cross-attention at both levels and Linear projections in and out of it (as SD2.1's): more of the UNet in the
+    # Linear layers that LoRaD adapts (SD1.5 has cross-attention at 3 of its 4 levels)
+    "attention": dict(down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+                      use_linear_projection=True),
+}
+
+
+def train_toy_teacher(path, modes, steps, target="exact", unet_kind="tiny", batch=32, lr=3e-3):
+    """The tiny pipeline's UNet trained from scratch, with 10% empty prompts (for CFG).
+    target 'exact': regress onto E[eps | x_t, c] (toy_exact_eps) with v-space weights 1/abar_t. The sampled noise of
+    eq. (1) is a target whose variance at t ~ 999 (abar/(1-abar) s^2 per element) is far above the precision the
+    one-step output needs, since x0 = (x_t - sigma eps)/a multiplies every eps error by sigma/a = 14.6; exact targets
+    remove that variance, and 1/abar_t (the error of a v-prediction) makes t ~ 999 count as much as it matters.
+    target 'noise': eq. (1) as SD was trained (unweighted MSE to the sampled noise), the first toy's teacher.
+    lr 3e-3 (decayed to 0) is what makes the one-step output blur-like: the off-span part of the attention UNet's
+    one-step error is 4.03 / 2.78 / 2.32 at lr 1e-3 / 2e-3 / 3e-3 (docs/toy.md); the first toys' teachers used 1e-3."""
+    from diffusers import UNet2DConditionModel
+    wadi.build_tiny_pipeline(path)
+    tok, te, vae, unet, sched = wadi.load_pipeline_parts(path, torch.device("cpu"), torch.float32)
+    if TOY_UNETS[unet_kind]:
+        unet = UNet2DConditionModel.from_config(unet.config, **TOY_UNETS[unet_kind])
+    run = argparse.Namespace(tokenizer=tok, text_encoder=te, device=torch.device("cpu"), autocast=contextlib.nullcontext())
+    cond, null = wadi.encode(run, TOY_PROMPTS), wadi.encode(run, [""])
+    unet.train().requires_grad_(True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)  # to 0: a precise final model
+    g, abar = torch.Generator().manual_seed(0), sched.alphas_cumprod.float()
+    for step in range(steps):
+        p = torch.randint(len(TOY_PROMPTS), (batch,), generator=g)
+        x0, noise, t = toy_data(modes, p, g), torch.randn(batch, 4, 8, 8, generator=g), torch.randint(0, 1000, (batch,), generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        drop = torch.rand(batch, generator=g) < 0.1
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        eps = unet(x_t, t, torch.where(drop.view(-1, 1, 1), null, cond[p])).sample
+        if target == "exact":
+            w = 1 / a
+            loss = (w * (eps - toy_exact_eps(x_t, t, torch.where(drop, -1, p), modes, abar)) ** 2).mean() / w.mean()
+        else:
+            loss = F.mse_loss(eps, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        decay.step()
+        if step % 500 == 0:
+            print(f"teacher step {step}/{steps} | loss {loss.item():.4g}", flush=True)
+    unet.save_pretrained(os.path.join(path, "unet"))
+
+
+def frechet_distance(a, b):
+    """||mu_a - mu_b||^2 + Tr(Ca + Cb - 2 (Ca^1/2 Cb Ca^1/2)^1/2), in fp64."""
+    a, b = a.double(), b.double()
+    ca, cb = torch.cov(a.T), torch.cov(b.T)
+    e, v = torch.linalg.eigh(ca)
+    root = v @ torch.diag(e.clamp(min=0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(root @ cb @ root).clamp(min=0).sqrt().sum()
+    return ((a.mean(0) - b.mean(0)).square().sum() + ca.trace() + cb.trace() - 2 * cross).item()
+
+
+def toy_noise(n, seed):
+    """n fixed starting latents per prompt: (prompts, n, 4, 8, 8)."""
+    return torch.stack([torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed + p))
+                        for p in range(len(TOY_PROMPTS))])
+
+
+@torch.no_grad()
+def toy_samples(pipe, steps, guidance, n, seed=1000):
+    """n latents per prompt from a stock diffusers pipeline, from toy_noise(n, seed): (prompts, n, 4, 8, 8)."""
+    pipe.set_progress_bar_config(disable=True)
+    return torch.stack([pipe([prompt] * n, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                             latents=z).images for prompt, z in zip(TOY_PROMPTS, toy_noise(n, seed))])
+
+
+def toy_tau(modes):
+    """A third of the distance between the two closest modes: a sample nearer than this is on a mode."""
+    centers = modes.flatten(2).flatten(0, 1)
+    gaps = torch.cdist(centers, centers)
+    return (gaps[gaps > 0].min() / 3).item()
+
+
+def toy_scores(samples, modes):
+    """precision: share of samples within tau of some mode (tau = a third of the closest two modes' distance);
+    coverage: share of each prompt's modes that a precise sample of that prompt hits; adherence: share of
+    samples whose nearest mode is one of the asked prompt's; dist: mean distance to the nearest mode, and `off`, the
+    part of it orthogonal to the span of all modes (noise in directions where the data has none); FD to data."""
+    P, n = samples.shape[:2]
+    x, centers = samples.flatten(2).flatten(0, 1), modes.flatten(2).flatten(0, 1)
+    tau = toy_tau(modes)
+    dist, nearest = torch.cdist(x, centers).min(1)
+    asked = torch.arange(P).repeat_interleave(n)
+    right_prompt = nearest // modes.shape[1] == asked
+    hit = torch.zeros(len(centers), dtype=torch.bool)
+    hit[nearest[(dist < tau) & right_prompt]] = True
+    err, basis = x - centers[nearest], torch.linalg.qr(centers.T).Q
+    data = toy_data(modes, asked, torch.Generator().manual_seed(7)).flatten(1)
+    return dict(precision=(dist < tau).float().mean().item(), coverage=hit.float().mean().item(),
+                adherence=right_prompt.float().mean().item(), dist=dist.mean().item(),
+                off=(err - err @ basis @ basis.T).norm(dim=1).mean().item(), fd=frechet_distance(x, data))
+
+
+TOY_RECIPE = ["--train_batch_size", "16", "--student_rank", "16", "--fake_rank", "4", "--learning_rate", "1e-3",
+              "--fake_updates", "5", "--lr_schedule", "linear", "--fake_weighting", "none"]
+# The paper's recipe (wadi.py's defaults) with ranks and batch scaled down to the tiny UNet; the student's lr at 1e-3,
+# the one knob of the controlled runs that moved the student (docs/toy.md, "Why the student was slow"); 5 fake updates
+# per step, the student's lr annealed and eq. 12 unweighted, the knobs that slowed VSD's mode dropping (docs/toy.md,
+# "Why VSD drops modes"). 2000 steps (bench.py toy --steps): ~25 CPU-minutes.
+
+
+def lorad_from(teacher, path, layers):
+    """The teacher's UNet with the LoRaD angles of a checkpoint file (rank read off theta_a), unmerged."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+    angles = load_file(path)
+    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", low_cpu_mem_usage=False)
+    lorad.add_lorad(unet, next(v for k, v in angles.items() if k.endswith("theta_a")).shape[1], **layers)
+    lorad.load_lorad(unet, angles)
+    return unet.eval()
+
+
+def toy_ceiling(pipe, wadi_argv, n=384):
+    """The regression ceiling, the easiest one-step target there is: wadi.py's own student (wadi.setup on the distillation's command line: the
+    same adapter, rank, initial angles, AdamW, clipping, batch and steps) fitted straight onto the teacher's 25-step
+    samples (DDIM, the recipe's CFG) from the same noise, instead of by VSD. No one-step target is easier: where
+    VSD comes near it, what is left is the student's reach, not VSD. Returns the fitted student and its mean squared
+    error to the targets before and after (EMA, if the recipe has one, is left out)."""
+    from diffusers import DDIMScheduler
+    run = wadi.setup(wadi.parse_args(wadi_argv))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    z, target = toy_noise(n, 2000), toy_samples(pipe, 25, run.args.guidance_scale, n, 2000)  # not the scores' noise
+    z, target = z.flatten(0, 1).to(run.device), target.flatten(0, 1).to(run.device)
+    cond = wadi.encode(run, TOY_PROMPTS)[torch.arange(len(TOY_PROMPTS)).repeat_interleave(n)]
+    g = torch.Generator().manual_seed(run.args.seed)
+
+    def fit(i):
+        with run.autocast:
+            return F.mse_loss(wadi.one_step(run.student, z[i], cond[i], run.abar), target[i])
+    with torch.no_grad():
+        before = fit(slice(None)).item()
+    for _ in range(run.max_steps):
+        loss = fit(torch.randint(len(z), (run.args.train_batch_size,), generator=g))
+        wadi.update(loss, run.student_params, run.opt_s, run.scaler_s, run.world)
+    with torch.no_grad():
+        return run.student.eval(), before, fit(slice(None)).item()
+
+
+TOY_BUCKETS = [(20, 200), (200, 500), (500, 800), (800, 981)]
+
+
+@torch.no_grad()
+def toy_diagnostics(teacher, ckpt, modes, guidance, previous=None):
+    """Why the student moves or not, at one checkpoint, on 16 fixed noises per prompt. The student's error e is
+    x0 minus the nearest mode of the asked prompt, split into its part in the span of all modes and off it. Per
+    timestep bucket: the size of the VSD gradient g = (1 - abar_t)(eps_real - eps_fake) (eq. 11; the student's x0
+    moves along -g), its cosine with e (> 0: it points the right way), in and off the span; and the fake model's
+    denoising error (eps MSE) on the student's samples against the teacher's on the data: the fake has caught
+    up with the student when the two are alike."""
+    _, te, _, unet, sched = wadi.load_pipeline_parts(teacher, torch.device("cpu"), torch.float32)
+    student = lorad_from(teacher, os.path.join(ckpt, "student_lorad.safetensors"), wadi.STUDENT_LAYERS)
+    fake = lorad_from(teacher, os.path.join(ckpt, "fake_lorad.safetensors"), wadi.FAKE_LAYERS)
+    from transformers import CLIPTokenizer
+    run = argparse.Namespace(tokenizer=CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer"), text_encoder=te,
+                             device=torch.device("cpu"), autocast=contextlib.nullcontext())
+    P, n = len(TOY_PROMPTS), 16
+    cond, null = wadi.encode(run, TOY_PROMPTS).repeat_interleave(n, 0), wadi.encode(run, [""]).expand(P * n, -1, -1)
+    g, abar = torch.Generator().manual_seed(5), sched.alphas_cumprod.float()
+    z = torch.randn(P * n, *modes.shape[2:], generator=g)
+    x0 = wadi.one_step(student, z, cond, abar)
+    centers = modes.flatten(2)  # (P, M, D)
+    asked = torch.arange(P).repeat_interleave(n)
+    x = x0.flatten(1)
+    own = centers[asked]  # (P*n, M, D): the asked prompt's modes
+    e = x - own[torch.arange(P * n), (x[:, None] - own).norm(dim=2).argmin(1)]
+    basis = torch.linalg.qr(centers.flatten(0, 1).T).Q
+    inside = lambda v: v @ basis @ basis.T
+    cos = lambda u, v: F.cosine_similarity(u, v, dim=1).mean().item()
+    row = dict(err_in=inside(e).norm(dim=1).mean().item(), err_off=(e - inside(e)).norm(dim=1).mean().item(),
+               move=None if previous is None else (x - previous).norm(dim=1).mean().item(), x0=x)
+    for lo, hi in TOY_BUCKETS:
+        t = torch.randint(lo, hi, (P * n,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        grad = ((1 - a) * (wadi.guided_eps(unet, a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond, null, guidance)
+                           - wadi.guided_eps(fake, a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond, null, guidance))).flatten(1)
+        data = toy_data(modes, asked, g)
+        row[lo] = dict(g=grad.norm(dim=1).mean().item(), cos=cos(grad, e), cos_in=cos(inside(grad), inside(e)),
+                       cos_off=cos(grad - inside(grad), e - inside(e)),
+                       fake=F.mse_loss(fake(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond).sample, noise).item(),
+                       teacher=F.mse_loss(unet(a.sqrt() * data + (1 - a).sqrt() * noise, t, cond).sample, noise).item())
+    return row
+
+
+def line_plot(path, panels):
+    """A PNG of stacked line plots with Pillow alone. panels: [(title, xs, {name: ys}, {name: level})], one
+    coloured line per series and a dashed line per level."""
+    from PIL import Image, ImageDraw
+    W, H, pad = 640, 300, 40
+    img = Image.new("RGB", (W, H * len(panels)), "white")
+    d = ImageDraw.Draw(img)
+    for k, (title, xs, series, levels) in enumerate(panels):
+        top = 1.1 * max(max(max(ys) for ys in series.values()), *levels.values())
+        X = lambda x: pad + (W - 2 * pad) * x / max(xs)
+        Y = lambda y: k * H + H - pad - (H - 2 * pad) * y / top
+        d.rectangle([pad, k * H + pad, W - pad, k * H + H - pad], outline="black")
+        for y in (0, top / 2, top):
+            d.text((5, Y(y) - 5), f"{y:.1f}", fill="black")
+        d.text((W // 2 - 40, k * H + H - pad + 10), f"training step (0..{max(xs)})", fill="black")
+        d.text((pad, k * H + 10), title, fill="black")
+        colours = iter(["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"])
+        for i, (name, ys) in enumerate([*series.items(), *levels.items()]):
+            c = next(colours)
+            if name in series:
+                d.line([(X(x), Y(y)) for x, y in zip(xs, ys)], fill=c, width=2)
+            else:
+                for x0 in range(pad, W - pad, 12):
+                    d.line([(x0, Y(ys)), (x0 + 6, Y(ys))], fill=c, width=2)
+            d.text((W - pad - 260, k * H + pad + 8 + 14 * i), name, fill=c)
+    img.save(path)
+
+
+def bench_toy(args):
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+    for name in ("teacher_steps", "steps", "samples"):
+        if getattr(args, name) < 1:
+            sys.exit(f"bench.py toy: --{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.teacher_lr < math.inf:
+        sys.exit(f"bench.py toy: --teacher_lr must be a finite number > 0, got {args.teacher_lr}")
+    out = os.path.join(args.out, f"toy-seed{args.seed}")
+    os.makedirs(out, exist_ok=True)
+    tag = args.teacher_target + ("" if args.toy_unet == "tiny" else f"-{args.toy_unet}")
+    # the teacher's recipe in its folder's name: the cached student (its command names the teacher) follows it
+    modes, teacher = toy_modes(args.seed), os.path.join(out, f"teacher-{tag}-{args.teacher_steps}-lr{args.teacher_lr:g}")
+    if not os.path.isdir(teacher):  # trained once, then cached
+        t0 = time.time()
+        shutil.rmtree(teacher + ".tmp", ignore_errors=True)
+        train_toy_teacher(teacher + ".tmp", modes, args.teacher_steps, args.teacher_target, args.toy_unet,
+                          lr=args.teacher_lr)
+        os.rename(teacher + ".tmp", teacher)
+        print(f"teacher trained in {(time.time() - t0) / 60:.1f} min")
+    # distillation: wadi.py's own command line
+    prompts, student = os.path.join(out, "prompts.txt"), os.path.join(out, f"wadi-{tag}")
+    with open(prompts, "w") as f:
+        f.write("\n".join(TOY_PROMPTS) + "\n")
+    S = args.steps
+    flags = [*TOY_RECIPE, *args.wadi_args]
+    cmd = [sys.executable, os.path.abspath(wadi.__file__),
+           "--pretrained_model_name_or_path", teacher, "--prompts", prompts, "--validation_prompts", *TOY_PROMPTS,
+           "--output_dir", student, "--max_train_steps", str(S), "--checkpointing_steps", str(max(1, S // 10)),
+           "--validation_steps", str(S), *flags]
+    print("wadi.py flags for the toy:", " ".join(flags), "--max_train_steps", S)
+    def cached(path):  # a finished run's record (its command, wall time, scores), if made by this very command
+        if os.path.exists(path):
+            with open(path) as f:
+                record = json.load(f)
+            return record if record["cmd"] == cmd[1:] else None
+    done = student + ".json"  # rerun only what changed
+    if not cached(done):
+        print(" ".join(cmd[1:]))
+        shutil.rmtree(student, ignore_errors=True)
+        t0 = time.time()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        json.dump(dict(cmd=cmd[1:], minutes=(time.time() - t0) / 60), open(done, "w"))
+    minutes = cached(done)["minutes"]
+    # scores, every sample through a stock diffusers pipeline
+    pipe = StableDiffusionPipeline.from_pretrained(teacher, low_cpu_mem_usage=False)
+    config, n = pipe.scheduler.config, args.samples
+    one_step = DDPMScheduler.from_config(config, timestep_spacing="trailing")  # as wadi.py exports
+    rows = {}
+    pipe.scheduler = one_step
+    rows["teacher, 1 step"] = toy_scores(toy_samples(pipe, 1, 0, n), modes)
+    pipe.scheduler = DDIMScheduler.from_config(config)
+    rows["teacher, 25 DDIM steps, no CFG"] = toy_scores(toy_samples(pipe, 25, 1.0, n), modes)
+    rows["teacher, 25 DDIM steps, CFG 1.5"] = toy_scores(toy_samples(pipe, 25, 1.5, n), modes)
+    ceiling = os.path.join(out, f"ceiling-{tag}.json")  # cached like the run it is compared with
+    if not cached(ceiling):
+        t0 = time.time()
+        pipe.unet, before, after = toy_ceiling(pipe, [*cmd[2:], "--output_dir", os.path.join(out, "unused")])
+        pipe.scheduler = one_step
+        json.dump(dict(cmd=cmd[1:], minutes=(time.time() - t0) / 60, mse=[before, after],
+                       scores=toy_scores(toy_samples(pipe, 1, 0, n), modes)), open(ceiling, "w"))
+    fit = cached(ceiling)
+    print(f"regression ceiling: the student fitted to 25-step samples, MSE {fit['mse'][0]:.3f} -> {fit['mse'][1]:.3f}")
+    rows[f"student fitted to the 25-step samples ({S} steps, {fit['minutes']:.1f} min): the ceiling"] = fit["scores"]
+    exported = StableDiffusionPipeline.from_pretrained(os.path.join(student, "pipeline"), low_cpu_mem_usage=False)
+    rows[f"wadi student, 1 step ({S} steps, {minutes:.1f} min)"] = toy_scores(toy_samples(exported, 1, 0, n), modes)
+    print(f"| {n} samples per prompt | precision | coverage | adherence | mean distance to nearest mode "
+          f"(tau = {toy_tau(modes):.2f}) | its part off the modes' span | FD to data |")
+    print("|---|---|---|---|---|---|---|")
+    for name, s in rows.items():
+        print(f"| {name} | {s['precision']:.2f} | {s['coverage']:.2f} | {s['adherence']:.2f} | {s['dist']:.2f} "
+              f"| {s['off']:.2f} | {s['fd']:.1f} |")
+    goal = rows["teacher, 25 DDIM steps, CFG 1.5"]
+    student_row = list(rows.values())[-1]
+    print("student / 25-step teacher (CFG 1.5): " + ", ".join(
+        f"{k} {student_row[k] / goal[k]:.2f}x" for k in ("precision", "coverage", "adherence")) + " (goal >= 0.9x)")
+    print("student / regression ceiling: " + ", ".join(
+        f"{k} {student_row[k] / fit['scores'][k]:.2f}x" for k in ("precision", "coverage", "adherence")))
+    # over training: every checkpoint's student through the pipeline, and the diagnostics of toy_diagnostics
+    curve, diag, previous = {0: rows["teacher, 1 step"]}, {}, None
+    pipe.scheduler = one_step
+    for ckpt in wadi.list_checkpoints(student):
+        step = int(ckpt.rsplit("-", 1)[1])
+        pipe.unet = lorad_from(teacher, os.path.join(ckpt, "student_lorad.safetensors"), wadi.STUDENT_LAYERS)
+        curve[step] = toy_scores(toy_samples(pipe, 1, 0, n), modes)
+        diag[step] = toy_diagnostics(teacher, ckpt, modes, 1.5, previous)
+        previous = diag[step].pop("x0")
+    print(f"\nover training ({n} samples per prompt through the pipeline; diagnostics on 16 fixed noises per prompt; "
+          f"t buckets {', '.join(f'[{lo},{hi})' for lo, hi in TOY_BUCKETS)}):")
+    print("| step | precision / coverage / adherence | distance: in span / off | moved since last | |VSD grad| "
+          "| cos(grad, error) | in span | off span | fake's eps MSE on student samples / teacher's on data |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    per_bucket = lambda d, f: " ".join(f(d[lo]) for lo, _ in TOY_BUCKETS)
+    for step, d in diag.items():
+        c, moved = curve[step], "-" if d["move"] is None else f"{d['move']:.2f}"
+        print(f"| {step} | {c['precision']:.2f} / {c['coverage']:.2f} / {c['adherence']:.2f} "
+              f"| {c['dist']:.2f}: {d['err_in']:.2f} / {d['err_off']:.2f} | {moved} "
+              f"| {per_bucket(d, lambda b: format(b['g'], '.3f'))} | {per_bucket(d, lambda b: format(b['cos'], '.2f'))} "
+              f"| {per_bucket(d, lambda b: format(b['cos_in'], '.2f'))} | {per_bucket(d, lambda b: format(b['cos_off'], '.2f'))} "
+              f"| {per_bucket(d, lambda b: format(b['fake'], '.3f') + '/' + format(b['teacher'], '.3f'))} |")
+    plot = os.path.join(out, f"curve-{tag}.png")
+    steps = list(curve)
+    line_plot(plot, [
+        ("precision of the one-step student (share of samples within tau of a mode)", steps,
+         {"student, 1 step": [v["precision"] for v in curve.values()]},
+         {"25-step teacher, CFG 1.5": goal["precision"], "0.9x of it (goal)": 0.9 * goal["precision"],
+          "regression ceiling": fit["scores"]["precision"]}),
+        ("mean distance of a sample to its nearest mode", steps,
+         {"student, 1 step": [v["dist"] for v in curve.values()],
+          "its part off the modes' span": [v["off"] for v in curve.values()]},
+         {"25-step teacher, CFG 1.5": goal["dist"], "precision threshold tau": toy_tau(modes)})])
+    print(f"plot: {plot}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="bench.py toy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=0, help="which toy (modes); the teacher is trained once per seed")
+    p.add_argument("--teacher_steps", type=int, default=4000)
+    p.add_argument("--teacher_lr", type=float, default=3e-3, help="decayed linearly to 0; 1e-3: the first toys'")
+    p.add_argument("--teacher_target", choices=["exact", "noise"], default="exact",
+                   help="exact: E[eps | x_t, c] with v-space weights; noise: eq. (1), the first toy's teacher")
+    p.add_argument("--toy_unet", choices=list(TOY_UNETS), default="attention", help="the teacher's UNet (TOY_UNETS)")
+    p.add_argument("--steps", type=int, default=2000, help="wadi.py steps (~25 CPU-minutes)")
+    p.add_argument("--samples", type=int, default=64, help="per prompt")
+    p.add_argument("--out", default="bench-out")
+    p.add_argument("wadi_args", nargs="*", help="more wadi.py flags, after --")
+    bench_toy(p.parse_args(argv))
