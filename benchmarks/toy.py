@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import lorad
 import wadi
+from benchmarks.plot import line_plot
 
 TOY_PROMPTS = ["a red circle", "a green square", "a blue star", "a yellow moon"]
 TOY_MODES, TOY_NOISE = 3, 0.15  # modes per prompt; std of the data around each mode
@@ -252,34 +253,6 @@ def toy_diagnostics(teacher, ckpt, modes, guidance, previous=None):
                        fake=F.mse_loss(fake(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond).sample, noise).item(),
                        teacher=F.mse_loss(unet(a.sqrt() * data + (1 - a).sqrt() * noise, t, cond).sample, noise).item())
     return row
-
-
-def line_plot(path, panels):
-    """A PNG of stacked line plots with Pillow alone. panels: [(title, xs, {name: ys}, {name: level})], one
-    coloured line per series and a dashed line per level."""
-    from PIL import Image, ImageDraw
-    W, H, pad = 640, 300, 40
-    img = Image.new("RGB", (W, H * len(panels)), "white")
-    d = ImageDraw.Draw(img)
-    for k, (title, xs, series, levels) in enumerate(panels):
-        top = 1.1 * max(max(max(ys) for ys in series.values()), *levels.values())
-        X = lambda x: pad + (W - 2 * pad) * x / max(xs)
-        Y = lambda y: k * H + H - pad - (H - 2 * pad) * y / top
-        d.rectangle([pad, k * H + pad, W - pad, k * H + H - pad], outline="black")
-        for y in (0, top / 2, top):
-            d.text((5, Y(y) - 5), f"{y:.1f}", fill="black")
-        d.text((W // 2 - 40, k * H + H - pad + 10), f"training step (0..{max(xs)})", fill="black")
-        d.text((pad, k * H + 10), title, fill="black")
-        colours = iter(["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"])
-        for i, (name, ys) in enumerate([*series.items(), *levels.items()]):
-            c = next(colours)
-            if name in series:
-                d.line([(X(x), Y(y)) for x, y in zip(xs, ys)], fill=c, width=2)
-            else:
-                for x0 in range(pad, W - pad, 12):
-                    d.line([(x0, Y(ys)), (x0 + 6, Y(ys))], fill=c, width=2)
-            d.text((W - pad - 260, k * H + pad + 8 + 14 * i), name, fill=c)
-    img.save(path)
 
 
 def bench_toy(args):
