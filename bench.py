@@ -6,6 +6,7 @@ for the README or docs/; none of them is a test.
     python bench.py step    # one WaDi step: wadi.py's design vs the authors' (three UNets, hooks, 4 CFG calls)
                             #   on a GPU: --sizes sd15 --student_rank 256 --fake_rank 32 -- --gradient_checkpointing
     python bench.py plan    # GPU memory and time per step, counted from wadi's train_step on fake tensors
+    python bench.py ops     # ops (GPU kernel launches) one step dispatches at SD1.5 size, by source, ours vs the authors
     python bench.py sd15    # one step of the real SD1.5 architecture on CPU, and the paper's recipe counted by plan
     python bench.py toy     # distill a toy teacher with wadi.py and score it against its known modes
 
@@ -14,7 +15,7 @@ for the README or docs/; none of them is a test.
 import importlib
 import sys
 
-NAMES = ("layer", "step", "plan", "sd15", "toy")
+NAMES = ("layer", "step", "plan", "ops", "sd15", "toy")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):

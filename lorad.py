@@ -5,6 +5,8 @@ LoRaD: Low-rank Rotation of weight Direction (WaDi, CVPR 2026, arXiv 2603.08258)
     >>> names = add_lorad(unet, rank=256, include=("down_blocks", "mid_block", "up_blocks"))
     >>> opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
     >>> # ...train as usual: only the angles theta_a / theta_b require grad...
+    >>> with reuse_rotations(unet):                      # optional: W' formed once, not in every call
+    >>>     ...forward, backward, opt.step()...
     >>> torch.save(lorad_state_dict(unet), "lorad.pt")  # adapter only: <module>.theta_a / .theta_b
     >>> merge_lorad(unet)                                # plain nn.Linear again, stock state-dict keys
 
@@ -47,21 +49,61 @@ def rotate(weight, theta):
     rotating it by theta is multiplying by e^{i theta}. One complex multiply does every 2x2 block at
     once, with no strided copies. Computed in fp32 (or fp64 if given): small angles vanish in fp16."""
     dtype = torch.promote_types(weight.dtype, torch.float32)
-    w = torch.view_as_complex(weight.to(dtype).reshape(*weight.shape[:-1], -1, 2))
     theta = theta.to(dtype)
-    # e^{i theta} = cos + i sin, multiplied by w in place: no second complex buffer for the product
-    return torch.view_as_real(torch.complex(theta.cos(), theta.sin()).mul_(w)).flatten(-2)
+    if torch.compiler.is_compiling():  # inductor has no complex code generation; these real ops fuse into one kernel
+        w, c, s = weight.to(dtype).unflatten(-1, (-1, 2)), theta.cos(), theta.sin()
+        return torch.stack([c * w[..., 0] - s * w[..., 1], s * w[..., 0] + c * w[..., 1]], -1).flatten(-2)
+    w = torch.view_as_complex(weight.to(dtype).reshape(*weight.shape[:-1], -1, 2))
+    # e^{i theta} = polar(1, theta): one op for cos, sin and the complex number they make
+    return torch.view_as_real(torch.polar(torch.ones_like(theta), theta) * w).flatten(-2)
 
 
 # -----------------------------------------------------------------------------
 # the memory-light training path
+
+_reuse = {}  # id(theta_a) -> (dtype, W', bias) in that dtype, for layers inside reuse_rotations() (None: not formed)
+
+
+@contextlib.contextmanager
+def reuse_rotations(model):
+    """Inside the block, each LoRaD layer of `model` forms W' (and casts its bias) once and reuses it in its other
+    calls (a gradient-checkpointing recompute, a second forward) and in its backward, which would each form it again
+    (~6 ops: GPU kernel launches). Yields forget(): call it once the angles changed (an optimizer step), so that the
+    next call forms W' anew. Costs one W' per layer, in the matmul's dtype, held until the block ends."""
+    ids = [id(m.theta_a) for _, m in _lorad_modules(model)]
+
+    def forget():  # None: not formed yet
+        _reuse.update(dict.fromkeys(ids))
+    forget()
+    try:
+        yield forget
+    finally:
+        for i in ids:
+            _reuse.pop(i, None)
+
+
+def _rotated(key, weight, bias, theta_a, theta_b, dtype):
+    """W' = rotate(W, theta_a @ theta_b) in fp32 (autocast would round theta to bf16/fp16) and the bias, both cast to
+    the matmul's `dtype`; formed once inside reuse_rotations(). key: id() of the layer's theta_a Parameter (backward's
+    saved theta_a may be another Python object, e.g. after a checkpointed recompute)."""
+    cached = _reuse.get(key) if _reuse else None
+    if cached is not None and cached[0] == dtype:
+        return cached[1:]
+    device = weight.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # not on meta
+    with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+        w_rot = rotate(weight, theta_a @ theta_b).to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    if _reuse and key in _reuse:
+        _reuse[key] = (dtype, w_rot, bias)
+    return w_rot, bias
 
 
 class _LoRaDFunction(torch.autograd.Function):
     """y = x rotate(W, theta_a @ theta_b)^T + b, saving only x and the parameters for backward.
 
     Plain autograd would keep theta, cos, sin and W' alive (about 8 bytes per weight element); all of
-    them are cheap to recompute from the parameters, so backward recomputes them."""
+    them are cheap to recompute from the parameters, so backward forms W' again (or reuses it: reuse_rotations)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, theta_a, theta_b):
@@ -70,28 +112,25 @@ class _LoRaDFunction(torch.autograd.Function):
         autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # not on meta
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         x = x.to(dtype)
-        with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
-            w_rot = rotate(weight, theta_a @ theta_b)  # fp32: autocast would round theta_a @ theta_b to bf16/fp16
-        ctx.save_for_backward(x, weight, theta_a, theta_b)
-        ctx.has_bias = bias is not None
-        return F.linear(x, w_rot.to(dtype), None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(x, weight, bias, theta_a, theta_b)
+        ctx.key = id(theta_a)
+        return F.linear(x, *_rotated(ctx.key, weight, bias, theta_a, theta_b, dtype))
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, theta_a, theta_b = ctx.saved_tensors
-        theta = theta_a @ theta_b
-        w_rot = rotate(weight, theta)
+        x, weight, bias, theta_a, theta_b = ctx.saved_tensors
+        w_rot, _ = _rotated(ctx.key, weight, bias, theta_a, theta_b, x.dtype)  # forward's W', in the matmul's dtype
         dy = dy.to(x.dtype)
-        dx = dy @ w_rot.to(x.dtype) if ctx.needs_input_grad[0] else None
+        dx = dy @ w_rot if ctx.needs_input_grad[0] else None
         # G = dL/dW' is the weight-gradient GEMM a frozen Linear would skip: LoRaD's one real cost.
-        G = (dy.flatten(0, -2).mT @ x.flatten(0, -2)).to(w_rot.dtype)
+        G = (dy.flatten(0, -2).mT @ x.flatten(0, -2)).to(torch.promote_types(x.dtype, torch.float32))
         # d/dtheta of the pair w' = w e^{i theta} is i w', so dL/dtheta = Re(conj(g) i w') = Im(g conj(w'))
         # = G_odd W'_even - G_even W'_odd. Written in reals:
         # the complex form would copy conj(w') and return a strided .imag that both matmuls below copy.
         g, w = G.unflatten(-1, (-1, 2)), w_rot.unflatten(-1, (-1, 2))
         dtheta = (g[..., 1] * w[..., 0]).addcmul_(g[..., 0], w[..., 1], value=-1)
-        dw = rotate(G, -theta).to(weight.dtype) if ctx.needs_input_grad[1] else None  # W' = R W
-        db = dy.flatten(0, -2).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        dw = rotate(G, -(theta_a @ theta_b)).to(weight.dtype) if ctx.needs_input_grad[1] else None  # W' = R W
+        db = dy.flatten(0, -2).sum(0) if bias is not None and ctx.needs_input_grad[2] else None
         return dx, dw, db, dtheta @ theta_b.T, theta_a.T @ dtheta
 
 

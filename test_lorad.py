@@ -4,6 +4,7 @@ lorad.py used alone in transformers and diffusers models (the examples of README
     python -m pytest -q test_lorad.py      # the tests
     python test_lorad.py                   # prints the README's parameter-count table
 """
+import contextlib
 import math
 
 import pytest
@@ -202,6 +203,42 @@ def test_gradient_checkpointing_same_gradients():
     checkpoint(model, x, use_reentrant=False).square().sum().backward()
     for a, b in zip(expected, [p.grad for p in model.parameters() if p.requires_grad]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_reuse_rotations_forms_w_once_and_changes_nothing(autocast):
+    """Inside reuse_rotations(model) each layer forms W' once for its forward, a checkpointed recompute and its
+    backward (counted: one theta_a @ theta_b product per layer instead of three), and the gradients are bitwise
+    those of forming it every time; after the block nothing is held."""
+    import lorad
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    add_lorad(model, rank=4)
+    for m in model.modules():
+        if isinstance(m, LoRaDLinear):
+            nn.init.normal_(m.theta_a, std=0.3)
+    x = torch.randn(5, 16)
+    products = []
+    rotate_ = lorad.rotate
+
+    def run(reuse):
+        model.zero_grad()
+        products.clear()
+        with lorad.reuse_rotations(model) if reuse else contextlib.nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = checkpoint(model, x, use_reentrant=False)
+            y.float().square().sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    lorad.rotate = lambda w, theta: products.append(1) or rotate_(w, theta)
+    try:
+        every_time, n_every = run(False), len(products)
+        once, n_once = run(True), len(products)
+    finally:
+        lorad.rotate = rotate_
+    assert (n_every, n_once) == (6, 2)  # 2 layers x (forward, recompute, backward), then 2 layers x 1
+    for a, b in zip(every_time, once):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert lorad._reuse == {}
 
 
 def test_odd_input_dim_is_a_clear_error():

@@ -7,6 +7,7 @@ built once per session into a temporary WADI_CACHE. In-process tests call wadi's
 tests run `python wadi.py` (and torchrun) in a few shared subprocess runs of 2-4 steps.
 """
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -209,6 +210,30 @@ def test_train_step_changes_only_adapters(tmp_path):
         assert torch.equal(t, frozen_before[k]), k
     for model in (run.teacher, run.vae, run.text_encoder):
         assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_compiled_step_equals_eager(tmp_path, monkeypatch):
+    """--compile: the three UNets under torch.compile, gradient checkpointing on, against the same run in eager mode
+    over 3 steps: losses, gradient norms and every angle. The compiled graphs are built by dynamo and AOTAutograd
+    (forward and backward, LoRaD's autograd Function traced) and run with the aot_eager backend: inductor's code
+    generation takes minutes on two CPU cores, so the test keeps to the capture, which is where compiling can change
+    what the step computes. The rotation runs in its real form there (inductor has no complex kernels)."""
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda m, **kw: compile_(m, **{**kw, "backend": "aot_eager"}))
+    torch._dynamo.reset()
+    flags = ("--gradient_checkpointing", "--student_rank", "8", "--fake_rank", "4")
+    eager, compiled = make_run(tmp_path / "e", *flags), make_run(tmp_path / "c", *flags, "--compile")
+    assert compiled.student._compiled_call_impl is not None and eager.student._compiled_call_impl is None
+    for step in range(3):
+        logs_e, logs_c = wadi.train_step(eager, step), wadi.train_step(compiled, step)
+        for k in logs_e:  # vsd is 0 at step 0 (the fake equals the teacher): compare with an absolute floor
+            assert logs_c[k] == pytest.approx(logs_e[k], rel=1e-4, abs=1e-7), (step, k, logs_e, logs_c)
+    # the angles, to a tenth of one Adam step (lr 1e-4): Adam's normalised step turns the rounding of a gradient
+    # entry near 0 into a visible difference of its update
+    for a, b in zip(eager.student_params + eager.fake_params, compiled.student_params + compiled.fake_params):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    moved = max((p - p0).abs().max().item() for p, p0 in zip(eager.student_params, make_run(tmp_path / "f", *flags).student_params))
+    assert moved > 1e-4  # the angles did train: the equality above is not of two untouched models
 
 
 def test_ema_follows_the_student_angles(tmp_path):
@@ -861,6 +886,31 @@ def mid_counts(tiny):
     text, vae = tiny_text_and_vae(tiny)
     return {b: plan.count_step(MID, text, vae, [*MID_ARGV, "--mixed_precision", "bf16", "--gradient_checkpointing",
                                                  "--train_batch_size", str(b)]) for b in (2, 4, 6)}
+
+
+def test_ops_count_sees_w_formed_once_per_value(tiny, monkeypatch):
+    """bench.py ops on a mid-size UNet (fake tensors, bf16, checkpointing): every op of the step lands in one of its
+    sources; with reuse_rotations each adapted layer forms W' exactly once a step (student and fake, one fake update),
+    and the LoRaD ops fall by exactly the formations saved times the 6 ops of one (theta_a @ theta_b, the cast of
+    the bf16 weight to fp32, ones_like, polar, the complex multiply, the cast back), nothing else moving."""
+    from diffusers import UNet2DConditionModel
+    from benchmarks import ops
+    import lorad
+    formed, rotate = [], lorad.rotate
+    monkeypatch.setattr(lorad, "rotate", lambda w, theta: formed.append(1) or rotate(w, theta))
+    models, counts, formations = (MID, *tiny_text_and_vae(tiny)), {}, {}
+    for reuse in (False, True):
+        formed.clear()
+        counts[reuse] = ops.count_ops(2, argv=MID_ARGV, models=models, reuse=reuse)
+        formations[reuse] = len(formed)
+    assert set(counts[False]) | set(counts[True]) <= set(ops.SOURCES)
+    with torch.device("meta"):  # the adapted layers, as wadi.setup selects them
+        unet = UNet2DConditionModel(**MID)
+    n_s, n_f = (len(lorad.add_lorad(copy.deepcopy(unet), 4, **layers)) for layers in (wadi.STUDENT_LAYERS, wadi.FAKE_LAYERS))
+    assert formations[True] == n_s + n_f < formations[False]
+    lorad_ops = {r: sum(v for k, v in c.items() if "LoRaD" in k) for r, c in counts.items()}
+    assert lorad_ops[False] - lorad_ops[True] == 6 * (formations[False] - formations[True])
+    assert all(counts[False][k] == counts[True][k] for k in ops.SOURCES if "LoRaD" not in k)
 
 
 def test_plan_reads_batches_off_exactly(mid_counts, monkeypatch, capsys):

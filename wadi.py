@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lorad import LoRaDLinear, add_lorad, load_lorad, lorad_state_dict, merge_lorad
+from lorad import LoRaDLinear, add_lorad, load_lorad, lorad_state_dict, merge_lorad, reuse_rotations
 
 # which Linear layers get LoRaD (paper Table 3: 83.80M student angles at rank 256, 9.38M fake at rank 32 in SD1.5)
 STUDENT_LAYERS = dict(include=("down_blocks", "mid_block", "up_blocks"))  # 182 Linear layers in SD1.5
@@ -101,31 +101,35 @@ def train_step(run, step):
     uncond = run.null_emb.expand_as(cond)
     if args.lr_schedule == "linear":  # a function of the step alone: a resumed run anneals exactly alike
         run.opt_s.param_groups[0]["lr"] = args.learning_rate * (1 - step / run.max_steps)
-    # 1. the student generates x0 in one step from pure noise
-    with run.autocast:
-        x0 = one_step(run.student, d["z"], cond, run.abar)
-    # 2. VSD: both guided scores at the noised sample, then push x0 towards the teacher's, away from the fake's
-    x_t = diffuse(x0.detach(), d["t"], d["noise"], run.abar)
-    with torch.no_grad(), run.autocast:
-        eps_real = guided_eps(run.teacher, x_t, d["t"], cond, uncond, args.guidance_scale)
-        eps_fake = guided_eps(run.fake, x_t, d["t"], cond, uncond, args.guidance_scale)
-    loss_vsd = vsd_loss(x0, eps_real, eps_fake, run.abar[d["t"]])
-    norm_s = update(loss_vsd, run.student_params, run.opt_s, run.scaler_s, run.world)
-    if run.ema is not None:  # EMA of the angles alone: the base is shared, so it costs what the adapter does
-        torch._foreach_lerp_(run.ema_params, [p.detach() for p in run.student_params], 1 - args.ema_decay)
-    # 3. the fake model learns the student's current distribution, with 10% empty prompts (for its CFG)
-    for k in range(args.fake_updates):
-        cond_k = torch.where(d["drop"][k].view(-1, 1, 1), uncond, cond)
+    # a LoRaD layer forms W' once per value of its angles (student: forward, recompute, backward; fake: + guided call)
+    with run.reuse_rotations(run.fake) as fake_changed, run.reuse_rotations(run.student):
+        # 1. the student generates x0 in one step from pure noise
         with run.autocast:
-            loss_fake = fake_loss(run.fake, x0.detach(), d["t_fake"][k], d["noise_fake"][k], cond_k, run.abar,
-                                  weighted=args.fake_weighting == "abar")
-        norm_f = update(loss_fake, run.fake_params, run.opt_f, run.scaler_f, run.world)
-    return dict(loss_vsd=loss_vsd.item(), loss_fake=loss_fake.item(), grad_norm_student=norm_s, grad_norm_fake=norm_f)
+            x0 = one_step(run.student, d["z"], cond, run.abar)
+        # 2. VSD: both guided scores at the noised sample, then push x0 towards the teacher's, away from the fake's
+        x_t = diffuse(x0.detach(), d["t"], d["noise"], run.abar)
+        with torch.no_grad(), run.autocast:
+            eps_real = guided_eps(run.teacher, x_t, d["t"], cond, uncond, args.guidance_scale)
+            eps_fake = guided_eps(run.fake, x_t, d["t"], cond, uncond, args.guidance_scale)
+        loss_vsd = vsd_loss(x0, eps_real, eps_fake, run.abar[d["t"]])
+        norm_s = update(loss_vsd, run.student_params, run.opt_s, run.scaler_s, run.world)
+        if run.ema is not None:  # EMA of the angles alone: the base is shared, so it costs what the adapter does
+            torch._foreach_lerp_(run.ema_params, [p.detach() for p in run.student_params], 1 - args.ema_decay)
+        # 3. the fake model learns the student's current distribution, with 10% empty prompts (for its CFG)
+        for k in range(args.fake_updates):
+            cond_k = torch.where(d["drop"][k].view(-1, 1, 1), uncond, cond)
+            with run.autocast:
+                loss_fake = fake_loss(run.fake, x0.detach(), d["t_fake"][k], d["noise_fake"][k], cond_k, run.abar,
+                                      weighted=args.fake_weighting == "abar")
+            norm_f = update(loss_fake, run.fake_params, run.opt_f, run.scaler_f, run.world)
+            fake_changed()  # its angles moved: its next call forms W' anew
+    logs = torch.stack([loss_vsd.detach(), loss_fake.detach(), norm_s, norm_f]).tolist()  # the step's one host sync
+    return dict(zip(("loss_vsd", "loss_fake", "grad_norm_student", "grad_norm_fake"), logs))
 
 
 def update(loss, params, opt, scaler, world):
     """Backward, average over ranks, clip, step. A non-finite gradient skips the step on every rank alike (the
-    averaged gradient is the same everywhere). Returns the gradient norm."""
+    averaged gradient is the same everywhere), on the device: no host sync. Returns the gradient norm, a tensor."""
     scaler.scale(loss).backward()
     if world > 1:  # what DDP's reducer does, in one collective; the teacher is never wrapped
         flat = torch.cat([p.grad.flatten() for p in params])
@@ -134,11 +138,11 @@ def update(loss, params, opt, scaler, world):
             p.grad.copy_(g.view_as(p))
     scaler.unscale_(opt)
     norm = torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
-    if torch.isfinite(norm):
-        scaler.step(opt)
+    opt.found_inf = (~norm.isfinite()).float()  # fused AdamW skips its step when 1 (fp16: GradScaler sets its own)
+    scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
-    return norm.item()
+    return norm
 
 
 # -----------------------------------------------------------------------------
@@ -187,10 +191,8 @@ def read_prompts(path):
     try:
         with open(path, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]
-    except UnicodeDecodeError as e:
-        raise UserError(f"prompts file is not UTF-8 text: {path} ({e.reason} at byte {e.start})")
-    except OSError as e:  # not found, a folder, not readable
-        raise UserError(f"cannot read prompts file {path}: {e.strerror}")
+    except (OSError, UnicodeDecodeError) as e:  # not found, a folder, not readable, not UTF-8
+        raise UserError(f"cannot read prompts file {path}: {getattr(e, 'strerror', None) or f'not UTF-8 text ({e})'}")
     if not prompts:
         raise UserError(f"prompts file has no prompts: {path}")
     return prompts
@@ -276,7 +278,7 @@ def setup(args, parts=None):
         torch.cuda.set_device(run.device)
     if run.world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    mp = args.mixed_precision or ("bf16" if cuda else "no")
+    run.mixed_precision = mp = args.mixed_precision or ("bf16" if cuda else "no")
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mp]
     run.autocast = torch.autocast(run.device.type, dtype=dtype) if mp != "no" else contextlib.nullcontext()
     # where we write: a folder (or one we can create), not another run's checkpoints; checked before writing anything
@@ -308,18 +310,23 @@ def setup(args, parts=None):
     if args.gradient_checkpointing:  # recompute activations in backward; the models are in train mode
         run.student.enable_gradient_checkpointing()
         run.fake.enable_gradient_checkpointing()
+    run.reuse_rotations = (lambda m: contextlib.nullcontext(lambda: None)) if args.compile else reuse_rotations  # fused
+    for model in (run.teacher, run.student, run.fake) if args.compile else ():  # forward and backward, by inductor
+        model.compile(dynamic=False)  # one graph per call shape (batch b and 2b): no dynamic-shape recompiles
     # optimizers: AdamW on the angles alone (paper §4.1); GradScaler only does something for fp16
+    run.adapter_sets = dict(student=run.student, fake=run.fake, **({"ema": run.ema} if run.ema is not None else {}))
     run.student_params, run.fake_params = ([p for p in m.parameters() if p.requires_grad] for m in (run.student, run.fake))
     run.rank_note = rank_note(run)
-    adamw = dict(betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
+    adamw = dict(betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8, fused=True)  # one kernel per step, not a dozen
     run.opt_s = torch.optim.AdamW(run.student_params, lr=args.learning_rate, **adamw)
     run.opt_f = torch.optim.AdamW(run.fake_params, lr=args.fake_learning_rate, **adamw)
     run.scaler_s, run.scaler_f = (torch.amp.GradScaler(run.device.type, enabled=mp == "fp16") for _ in range(2))
     # text: the empty prompt (for CFG and the fake model's dropout) and the validation prompts, encoded once
     run.null_emb, run.val_emb = encode(run, [""]), encode(run, args.validation_prompts)
-    global_batch = args.train_batch_size * run.world
-    run.max_steps = args.max_train_steps or math.ceil(2 * len(run.prompts) / global_batch)  # 2 epochs
-    run.mixed_precision = mp
+    # validation noise: latent i is what diffusers draws for pipe(..., generator=torch.Generator().manual_seed(i))
+    run.val_z = torch.cat([torch.randn(1, *run.latent_shape, generator=torch.Generator().manual_seed(i))
+                           for i in range(len(run.val_emb))]).to(run.device)
+    run.max_steps = args.max_train_steps or math.ceil(2 * len(run.prompts) / (args.train_batch_size * run.world))
     return run
 
 
@@ -328,8 +335,7 @@ def setup(args, parts=None):
 
 
 def replace_atomically(final, write):
-    """write(tmp) a file or folder under a temporary name, then rename it to `final`: a kill never leaves a
-    half-written `final`, and an older `final` (a run resumed from an earlier checkpoint) is replaced."""
+    """write(tmp), then rename tmp to `final`, replacing an older one: a kill never leaves a half-written `final`."""
     tmp = f"{final}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
@@ -345,16 +351,12 @@ def list_checkpoints(output_dir):
     return [p for _, p in sorted(found)]
 
 
-def adapter_sets(run):
-    return {"student": run.student, "fake": run.fake, **({"ema": run.ema} if run.ema is not None else {})}
-
-
 def save_checkpoint(run, step):
     from safetensors.torch import save_file
 
     def write(tmp):
         os.makedirs(tmp)
-        for name, model in adapter_sets(run).items():
+        for name, model in run.adapter_sets.items():
             save_file({k: v.cpu() for k, v in lorad_state_dict(model).items()}, os.path.join(tmp, f"{name}_lorad.safetensors"))
         torch.save(dict(step=step, samples_seen=step * run.args.train_batch_size * run.world, skipped=run.skipped,
                         opt_s=run.opt_s.state_dict(), opt_f=run.opt_f.state_dict(), scaler_s=run.scaler_s.state_dict(),
@@ -368,7 +370,7 @@ def save_checkpoint(run, step):
 def load_checkpoint(run, path):
     from safetensors.torch import load_file
     try:
-        for name, model in adapter_sets(run).items():
+        for name, model in run.adapter_sets.items():
             load_lorad(model, load_file(os.path.join(path, f"{name}_lorad.safetensors"), device=str(run.device)))
         state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
         for name in ("opt_s", "opt_f", "scaler_s", "scaler_f"):
@@ -385,18 +387,11 @@ def load_checkpoint(run, path):
 
 
 @torch.no_grad()
-def validation_latents(run, n):
-    """Latent i is what diffusers draws for pipe(..., generator=torch.Generator().manual_seed(i))."""
-    return torch.cat([torch.randn(1, *run.latent_shape, generator=torch.Generator().manual_seed(i)) for i in range(n)])
-
-
-@torch.no_grad()
 def validate(run, step):
     from PIL import Image
     model = run.ema if run.ema is not None else run.student
-    z = validation_latents(run, len(run.val_emb)).to(run.device)
     with run.autocast:
-        x0 = one_step(model, z, run.val_emb, run.abar)
+        x0 = one_step(model, run.val_z, run.val_emb, run.abar)
         images = run.vae.decode((x0 / run.vae.config.scaling_factor).to(run.vae.dtype)).sample
     images = (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
     grid = torch.cat(list(images), dim=2).permute(1, 2, 0).cpu().numpy()  # the images side by side, (H, N*W, 3)
@@ -426,10 +421,9 @@ def export(run):
     # the check: the exported pipeline, sampled in one step, against the trainer's own generator
     pipe = StableDiffusionPipeline.from_pretrained(final, low_cpu_mem_usage=False).to(run.device)
     pipe.set_progress_bar_config(disable=True)
-    z = validation_latents(run, 1).to(run.device)
     with torch.no_grad(), run.autocast:
-        ours = one_step(model, z, run.val_emb[:1], run.abar)
-        theirs = pipe(prompt_embeds=run.val_emb[:1].to(pipe.unet.dtype), latents=z, num_inference_steps=1,
+        ours = one_step(model, run.val_z[:1], run.val_emb[:1], run.abar)
+        theirs = pipe(prompt_embeds=run.val_emb[:1].to(pipe.unet.dtype), latents=run.val_z[:1], num_inference_steps=1,
                       guidance_scale=0, output_type="latent").images.float()
     return final, ((theirs - ours).norm() / ours.norm()).item()
 
@@ -466,9 +460,9 @@ def parse_args(argv=None):
                    help="eq. 12's weight: abar_t as the authors' code; none as the paper prints it (docs/toy.md)")
     p.add_argument("--ema_decay", type=float, default=0.0, help="EMA of the student angles; 0 = off")
     # numerics and memory
-    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="default: bf16 on CUDA, no on CPU")
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: bf16 on CUDA, no on CPU")
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the three UNets (docs/benchmarks.md)")
     # checkpoints, validation
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, default=None)
@@ -493,17 +487,14 @@ def parse_args(argv=None):
     return args
 
 
-def peak_memory_gb(device):  # what CUDA's allocator handed out; on the CPU the peak RSS (Linux reports KiB)
-    cuda = device.type == "cuda"
-    return torch.cuda.max_memory_allocated(device) / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def main(argv=None):
     from tqdm import tqdm
     args = parse_args(argv)
     run = setup(args)
     start = load_checkpoint(run, run.resume) if run.resume else 0
     master, out = run.rank == 0, args.output_dir
+    peak_memory_gb = lambda: (torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda"
+                              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # CPU: peak RSS, in KiB
     if master:
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
         log_path = os.path.join(out, "log.jsonl")
@@ -532,7 +523,7 @@ def main(argv=None):
         if master:
             dt = time.time() - t0
             logs.update(step=step + 1, lr=run.opt_s.param_groups[0]["lr"], fake_lr=args.fake_learning_rate,
-                        sec_per_step=dt, img_per_sec=args.train_batch_size * run.world / dt, peak_mem_gb=peak_memory_gb(run.device),
+                        sec_per_step=dt, img_per_sec=args.train_batch_size * run.world / dt, peak_mem_gb=peak_memory_gb(),
                         skipped=run.skipped)
             tqdm.write(f"step {step + 1}/{run.max_steps} | vsd {logs['loss_vsd']:.4g} | fake {logs['loss_fake']:.4g} | "
                        f"gnorm {logs['grad_norm_student']:.3g}/{logs['grad_norm_fake']:.3g} | lr {logs['lr']:.3g}/"
@@ -549,7 +540,7 @@ def main(argv=None):
         pipeline, err = export(run)
         print(f"wadi: done | samples {samples} | adapter {os.path.join(out, 'student_lorad.safetensors')} | "
               f"pipeline {pipeline} (one-step output vs trainer: {err:.1e} relative) | "
-              f"peak memory {peak_memory_gb(run.device):.2f} GB")
+              f"peak memory {peak_memory_gb():.2f} GB")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

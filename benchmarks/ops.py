@@ -11,6 +11,7 @@ metadata launch nothing and are left out, and so are host ops (the step counts o
 import argparse
 import collections
 import contextlib
+import functools
 from unittest import mock
 
 import torch
@@ -23,9 +24,10 @@ from benchmarks.plan import count_step, tensors_in
 from benchmarks.sd import SD15, SD15_TEXT, SD_VAE
 from benchmarks.step import authors_design, authors_guided_eps
 
-NO_LAUNCH = {torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.empty_like, torch.ops.aten.detach,
-             torch.ops.aten.alias, torch.ops.aten.lift_fresh, torch.ops.aten._local_scalar_dense,
-             torch.ops.aten.set_, torch.ops.aten.resize_}
+NO_LAUNCH = {getattr(torch.ops.aten, name) for name in (  # allocations and metadata: no kernel runs
+    "empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_local_scalar_dense", "set_", "resize_",
+    "promote_types", "result_type", "is_same_size", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
+    "_unsafe_view")}
 SOURCES = ("student: LoRaD layers", "student: rest of the UNet", "teacher", "fake: LoRaD layers",
            "fake: rest of the UNet", "text encoder", "optimizers (clip, AdamW)", "the loss and the rest")
 
@@ -42,7 +44,7 @@ class OpCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         on_device = any(isinstance(t, FakeTensor) for t in tensors_in([*args, *kwargs.values()]))
-        if on_device and not func.is_view and func.overloadpacket not in NO_LAUNCH:
+        if on_device and func.namespace == "aten" and not func.is_view and func.overloadpacket not in NO_LAUNCH:
             net, part = self.net[-1], self.part[-1]
             self.counts[f"{net}: {part or 'rest of the UNet'}" if net in ("student", "fake") else net] += 1
         return func(*args, **kwargs)
@@ -61,11 +63,11 @@ class OpCount(TorchDispatchMode):
         for name, model in (("teacher", run.teacher), ("student", run.student), ("fake", run.fake),
                             ("text encoder", run.text_encoder)):
             model.register_forward_pre_hook(lambda m, a, name=name: self.net.append(name))
-            model.register_forward_hook(lambda m, a, out: self.net.pop())
+            model.register_forward_hook(lambda m, a, out: self.net.pop() and None)  # None: keep the output
         for m in [*run.student.modules(), *run.fake.modules()]:  # ours: LoRaDLinear; theirs: hooked Linear
             if hasattr(m, "theta_a"):
                 m.register_forward_pre_hook(lambda m, a: self.part.append("LoRaD layers"))
-                m.register_forward_hook(lambda m, a, out: self.part.pop(), always_call=True)
+                m.register_forward_hook(lambda m, a, out: self.part.pop() and None, always_call=True)
         backward = lorad._LoRaDFunction.backward
 
         def lorad_backward(ctx, dy):  # our LoRaD layers' backward (the authors' runs as autograd's own nodes)
@@ -88,14 +90,17 @@ class OpCount(TorchDispatchMode):
         return stack
 
 
-def count_ops(batch, design="ours", argv=()):
-    """Ops of one step at SD1.5 size, 512 px, bf16, gradient checkpointing, by source."""
+def count_ops(batch, design="ours", argv=("--resolution", "512"), models=(SD15, SD15_TEXT, SD_VAE), reuse=True):
+    """Ops of one step (SD1.5, 512 px by default), bf16, gradient checkpointing, by source. reuse=False: every LoRaD
+    call forms W' afresh, as before reuse_rotations."""
     counter = OpCount()
     holder = {}
 
     def prepare(run):
         if design == "authors":
             authors_design(run)
+        if not reuse:
+            run.reuse_rotations = lambda model: contextlib.nullcontext(lambda: None)
         holder["labels"] = counter.labels(run)
 
     patch = mock.patch.object(wadi, "guided_eps", authors_guided_eps) if design == "authors" else contextlib.nullcontext()
@@ -104,10 +109,10 @@ def count_ops(batch, design="ours", argv=()):
     def around_step():
         with holder["labels"], counter:
             yield
-    argv = ["--resolution", "512", "--train_batch_size", str(batch), "--mixed_precision", "bf16",
-            "--gradient_checkpointing", *argv]
-    with patch:
-        count_step(SD15, SD15_TEXT, SD_VAE, argv, design=prepare, counter=around_step())
+    argv = [*argv, "--train_batch_size", str(batch), "--mixed_precision", "bf16", "--gradient_checkpointing"]
+    clip = torch.nn.utils.clip_grad_norm_  # its foreach path, which it takes for CUDA tensors (not for these)
+    with patch, mock.patch.object(torch.nn.utils, "clip_grad_norm_", functools.partial(clip, foreach=True)):
+        count_step(*models, argv, design=prepare, counter=around_step())
     return counter.counts
 
 

@@ -162,11 +162,11 @@ def cuda_autocast_norms():
 
 
 def as_between_steps(run):
-    """Put a fresh run's optimizers in the state they hold between steps: torch.optim's foreach AdamW, its choice
-    for CUDA tensors (the CPU gets a per-tensor loop), with the moments it allocates at its first step."""
+    """Put a fresh run's optimizers in the state they hold between steps, with the moments they allocate at their
+    first step: AdamW fused where the run asks for it (wadi.py does), else foreach, its choice for CUDA tensors."""
     for params, opt in ((run.student_params, run.opt_s), (run.fake_params, run.opt_f)):
         for group in opt.param_groups:
-            group["foreach"] = True
+            group["foreach"] = not group.get("fused")
         for p in params:
             p.grad = torch.zeros_like(p)
         opt.step()
