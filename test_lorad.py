@@ -189,14 +189,19 @@ def test_autocast_keeps_angles_fp32():
         assert torch.equal(m(x), expected)
 
 
-def test_gradient_checkpointing_same_gradients():
+def small_lorad_mlp():
+    """Two LoRaD layers with non-zero angles, and an input."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
     add_lorad(model, rank=4)
     for m in model.modules():
         if isinstance(m, LoRaDLinear):
             nn.init.normal_(m.theta_a, std=0.3)
-    x = torch.randn(5, 16)
+    return model, torch.randn(5, 16)
+
+
+def test_gradient_checkpointing_same_gradients():
+    model, x = small_lorad_mlp()
     model(x).square().sum().backward()
     expected = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
@@ -211,13 +216,7 @@ def test_reuse_rotations_forms_w_once_and_changes_nothing(autocast):
     backward (counted: one theta_a @ theta_b product per layer instead of three), and the gradients are bitwise
     those of forming it every time; after the block nothing is held."""
     import lorad
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
-    add_lorad(model, rank=4)
-    for m in model.modules():
-        if isinstance(m, LoRaDLinear):
-            nn.init.normal_(m.theta_a, std=0.3)
-    x = torch.randn(5, 16)
+    model, x = small_lorad_mlp()
     products = []
     rotate_ = lorad.rotate
 
