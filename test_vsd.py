@@ -1012,6 +1012,38 @@ def test_toy_scores_closed_form():
     assert toy.frechet_distance(a, a + mu) == pytest.approx(mu.square().sum().item(), rel=1e-6)
 
 
+def test_toy_mode_balance_closed_form():
+    """Balance: per prompt, the number of modes times the smallest share of a mode among the prompt's precise samples.
+    Samples placed exactly on the modes, 6/3/3 on the places toy's three modes of every prompt: 3 x 3/12 = 0.75; an
+    imprecise sample, or one answering another prompt, is not counted."""
+    modes = toy.toy_modes(0)
+    picks = torch.tensor([0] * 6 + [1] * 3 + [2] * 3)
+    samples = modes[:, picks].clone()
+    s = toy.toy_scores(samples, modes)
+    assert s["balance"] == pytest.approx([0.75] * 4) and s["counts"] == [[6, 3, 3]] * 4
+    samples[0, :6] = modes[1, 0]  # prompt 0's six samples of its first mode answer prompt 1's: none of its own left
+    samples[1, :3] += 10  # prompt 1's first three samples, far from every mode
+    s = toy.toy_scores(samples, modes)
+    assert s["counts"][:2] == [[0, 3, 3], [3, 3, 3]] and s["balance"][:2] == pytest.approx([0.0, 1.0])
+
+
+def test_toy_details_modes_share_a_layout():
+    """The details toy: a prompt's four modes share their layout (cosine > 0.5 between any two of them) and
+    differ by a detail (the closest two 0.5-0.7 of a mode's norm apart: 9.3 of 16 at the default), with unit
+    variance per element like the places toy; a sample of the data is still precise (tau > its noise)."""
+    for seed in (0, 1):
+        modes = toy.toy_modes(seed, "details")
+        assert modes.shape == (4, 4, 4, 8, 8) and modes.square().mean().item() == pytest.approx(1.0)
+        c = modes.flatten(2)
+        norm = c.norm(dim=2).mean().item()
+        cos = torch.stack([torch.nn.functional.cosine_similarity(p[:, None], p[None], dim=2) for p in c])
+        assert cos.min().item() > 0.5  # a layout in common: 1 / (1 + 0.55^2) = 0.77 for details apart
+        closest = min(torch.pdist(p).min().item() for p in c)
+        assert 0.5 * norm < closest < 0.7 * norm
+        data = toy.toy_data(modes, torch.arange(4).repeat_interleave(64), torch.Generator().manual_seed(0))
+        assert toy.toy_scores(data.view(4, 64, 4, 8, 8), modes)["precision"] == 1.0
+
+
 def test_toy_exact_eps_is_tweedie():
     """The toy teacher's regression target against Tweedie's formula eps* = -sigma grad log p_t(x_t), with
     p_t the noised mixture's density written out (logsumexp of Gaussians) and differentiated by autograd in

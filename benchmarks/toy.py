@@ -23,22 +23,35 @@ import wadi
 from benchmarks.plot import line_plot
 
 TOY_PROMPTS = ["a red circle", "a green square", "a blue star", "a yellow moon"]
-TOY_MODES, TOY_NOISE = 3, 0.15  # modes per prompt; std of the data around each mode
+TOY_MODES, TOY_NOISE = 3, 0.15  # modes per prompt (the places toy; details: 4); std of the data around each mode
+LATTICE = torch.tensor([(y, x) for y in (1, 3, 5, 7) for x in (1, 3, 5, 7)], dtype=torch.float32)  # in 8x8
 
 
-def toy_modes(seed):
-    """(prompts, modes, 4, 8, 8) latents: each mode a Gaussian bump at its own place on a 4x4 lattice, with a
-    +-1 channel signature per prompt, scaled so the modes have unit variance per element, as SD's latents have
-    (the VAE's scaling_factor): the noise schedule's signal-to-noise ratios are meant for that scale.
-    Modes are >= 18 apart; a sample of the data lies ~2.4 from its mode."""
-    g = torch.Generator().manual_seed(seed)
-    P, M = len(TOY_PROMPTS), TOY_MODES
-    lattice = torch.tensor([(y, x) for y in (1, 3, 5, 7) for x in (1, 3, 5, 7)], dtype=torch.float32)
-    pos = lattice[torch.randperm(16, generator=g)[:P * M]].view(P, M, 2, 1, 1)
-    sign = torch.randint(0, 2, (P, 1, 4, 1, 1), generator=g) * 2.0 - 1
+def bumps(pos, width):
+    """Gaussian bumps of the given width at positions (..., 2) in an 8x8 latent: (..., 8, 8)."""
     yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
-    bump = torch.exp(-((yy - pos[:, :, 0]) ** 2 + (xx - pos[:, :, 1]) ** 2) / (2 * 0.8 ** 2))
-    modes = sign * bump[:, :, None]
+    return torch.exp(-((yy - pos[..., 0, None, None]) ** 2 + (xx - pos[..., 1, None, None]) ** 2) / (2 * width ** 2))
+
+
+def toy_modes(seed, kind="places", detail=0.55):
+    """(prompts, modes, 4, 8, 8) latents, scaled so the modes have unit variance per element, as SD's latents have
+    (the VAE's scaling_factor): the noise schedule's signal-to-noise ratios are meant for that scale.
+    places: each mode a Gaussian bump at its own place on a 4x4 lattice, with a +-1 channel signature per prompt.
+    Modes are >= 18 apart; a sample of the data lies ~2.4 from its mode.
+    details: a prompt's 4 modes share one layout (a wide bump at the prompt's place, its channel signature) and differ
+    by a detail (a narrow bump at one of the other lattice places, a signature of its own) whose norm is `detail`
+    times the layout's: as the images of one prompt, which share their layout and differ in details."""
+    g = torch.Generator().manual_seed(seed)
+    P = len(TOY_PROMPTS)
+    if kind == "places":
+        pos = LATTICE[torch.randperm(16, generator=g)[:P * TOY_MODES]].view(P, TOY_MODES, 2)
+        modes = (torch.randint(0, 2, (P, 1, 4, 1, 1), generator=g) * 2.0 - 1) * bumps(pos, 0.8)[:, :, None]
+        return modes / modes.square().mean().sqrt()
+    places = torch.stack([torch.randperm(16, generator=g)[:5] for _ in range(P)])  # the layout's, then 4 details'
+    layout = (torch.randint(0, 2, (P, 1, 4, 1, 1), generator=g) * 2.0 - 1) * bumps(LATTICE[places[:, :1]], 1.6)[:, :, None]
+    details = (torch.randint(0, 2, (P, 4, 4, 1, 1), generator=g) * 2.0 - 1) * bumps(LATTICE[places[:, 1:]], 0.7)[:, :, None]
+    details *= detail * layout.flatten(2).norm(dim=2)[..., None, None, None] / details.flatten(2).norm(dim=2)[..., None, None, None]
+    modes = layout + details
     return modes / modes.square().mean().sqrt()
 
 
@@ -148,20 +161,28 @@ def toy_scores(samples, modes):
     """precision: share of samples within tau of some mode (tau = a third of the closest two modes' distance);
     coverage: share of each prompt's modes that a precise sample of that prompt hits; adherence: share of
     samples whose nearest mode is one of the asked prompt's; dist: mean distance to the nearest mode, and `off`, the
-    part of it orthogonal to the span of all modes (noise in directions where the data has none); FD to data."""
+    part of it orthogonal to the span of all modes (noise in directions where the data has none); FD to data;
+    balance, per prompt: the number of modes times the smallest share of a mode among the prompt's precise samples
+    (1.0 = even; counts: those samples per mode)."""
     P, n = samples.shape[:2]
+    M = modes.shape[1]
     x, centers = samples.flatten(2).flatten(0, 1), modes.flatten(2).flatten(0, 1)
     tau = toy_tau(modes)
     dist, nearest = torch.cdist(x, centers).min(1)
     asked = torch.arange(P).repeat_interleave(n)
-    right_prompt = nearest // modes.shape[1] == asked
+    right_prompt = nearest // M == asked
+    good = (dist < tau) & right_prompt
     hit = torch.zeros(len(centers), dtype=torch.bool)
-    hit[nearest[(dist < tau) & right_prompt]] = True
+    hit[nearest[good]] = True
+    # mode balance: per prompt, the shares of its precise samples at each of its modes; M x the smallest is 1 when even
+    counts = torch.bincount(nearest[good], minlength=P * M).view(P, M).float()
+    shares = counts / counts.sum(1, keepdim=True).clamp(min=1)
     err, basis = x - centers[nearest], torch.linalg.qr(centers.T).Q
     data = toy_data(modes, asked, torch.Generator().manual_seed(7)).flatten(1)
     return dict(precision=(dist < tau).float().mean().item(), coverage=hit.float().mean().item(),
                 adherence=right_prompt.float().mean().item(), dist=dist.mean().item(),
-                off=(err - err @ basis @ basis.T).norm(dim=1).mean().item(), fd=frechet_distance(x, data))
+                off=(err - err @ basis @ basis.T).norm(dim=1).mean().item(), fd=frechet_distance(x, data),
+                balance=(M * shares.min(1).values).tolist(), counts=counts.int().tolist())
 
 
 TOY_RECIPE = ["--train_batch_size", "16", "--student_rank", "16", "--fake_rank", "4", "--learning_rate", "1e-3",
@@ -262,11 +283,14 @@ def bench_toy(args):
             sys.exit(f"bench.py toy: --{name} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.teacher_lr < math.inf:
         sys.exit(f"bench.py toy: --teacher_lr must be a finite number > 0, got {args.teacher_lr}")
-    out = os.path.join(args.out, f"toy-seed{args.seed}")
+    if not 0 < args.toy_detail < math.inf:
+        sys.exit(f"bench.py toy: --toy_detail must be a finite number > 0, got {args.toy_detail}")
+    details = f"details{args.toy_detail:g}-" if args.toy_modes == "details" else ""
+    out = os.path.join(args.out, f"toy-{details}seed{args.seed}")
     os.makedirs(out, exist_ok=True)
     tag = args.teacher_target + ("" if args.toy_unet == "tiny" else f"-{args.toy_unet}")
     # the teacher's recipe in its folder's name: the cached student (its command names the teacher) follows it
-    modes, teacher = toy_modes(args.seed), os.path.join(out, f"teacher-{tag}-{args.teacher_steps}-lr{args.teacher_lr:g}")
+    modes, teacher = toy_modes(args.seed, args.toy_modes, args.toy_detail), os.path.join(out, f"teacher-{tag}-{args.teacher_steps}-lr{args.teacher_lr:g}")
     if not os.path.isdir(teacher):  # trained once, then cached
         t0 = time.time()
         shutil.rmtree(teacher + ".tmp", ignore_errors=True)
@@ -320,12 +344,18 @@ def bench_toy(args):
     rows[f"student fitted to the 25-step samples ({S} steps, {fit['minutes']:.1f} min): the ceiling"] = fit["scores"]
     exported = StableDiffusionPipeline.from_pretrained(os.path.join(student, "pipeline"), low_cpu_mem_usage=False)
     rows[f"wadi student, 1 step ({S} steps, {minutes:.1f} min)"] = toy_scores(toy_samples(exported, 1, 0, n), modes)
+    centers = modes.flatten(2)
+    gaps = [torch.cdist(c, c)[torch.triu_indices(len(c), len(c), 1).unbind()].min().item() for c in centers]
+    print(f"modes: norm {centers.norm(dim=2).mean():.1f}, closest two of a prompt {min(gaps):.1f} apart, data noise "
+          f"{TOY_NOISE * centers.shape[-1] ** 0.5:.1f} from its mode")
     print(f"| {n} samples per prompt | precision | coverage | adherence | mean distance to nearest mode "
-          f"(tau = {toy_tau(modes):.2f}) | its part off the modes' span | FD to data |")
-    print("|---|---|---|---|---|---|---|")
+          f"(tau = {toy_tau(modes):.2f}) | its part off the modes' span | FD to data | balance by prompt "
+          f"(M x smallest share) | precise samples per mode, by prompt |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, s in rows.items():
         print(f"| {name} | {s['precision']:.2f} | {s['coverage']:.2f} | {s['adherence']:.2f} | {s['dist']:.2f} "
-              f"| {s['off']:.2f} | {s['fd']:.1f} |")
+              f"| {s['off']:.2f} | {s['fd']:.1f} | {' '.join(f'{b:.2f}' for b in s['balance'])} "
+              f"| {' '.join(str(c) for c in s['counts'])} |")
     goal = rows["teacher, 25 DDIM steps, CFG 1.5"]
     student_row = list(rows.values())[-1]
     print("student / 25-step teacher (CFG 1.5): " + ", ".join(
@@ -377,7 +407,10 @@ def main(argv=None):
                    help="exact: E[eps | x_t, c] with v-space weights; noise: eq. (1), the first toy's teacher")
     p.add_argument("--toy_unet", choices=list(TOY_UNETS), default="attention", help="the teacher's UNet (TOY_UNETS)")
     p.add_argument("--steps", type=int, default=2000, help="wadi.py steps (~25 CPU-minutes)")
-    p.add_argument("--samples", type=int, default=64, help="per prompt")
+    p.add_argument("--toy_modes", choices=["places", "details"], default="places",
+                   help="places: modes far apart (the first toys); details: a shared layout, modes differ in a detail")
+    p.add_argument("--toy_detail", type=float, default=0.55, help="details: the detail's norm / the layout's (0.55: closest modes ~9.4 apart)")
+    p.add_argument("--samples", type=int, default=256, help="per prompt (256: a mode's share to about +-0.03)")
     p.add_argument("--out", default="bench-out")
     p.add_argument("wadi_args", nargs="*", help="more wadi.py flags, after --")
     bench_toy(p.parse_args(argv))
