@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import wadi
-from benchmarks import plan, sd, toy
+from benchmarks import plan, sd, toy, toy_problem
 from benchmarks import step as step_bench
 from lorad import LoRaDLinear, add_lorad, load_lorad, lorad_state_dict
 
@@ -988,42 +988,42 @@ def test_sd_architectures_have_their_published_sizes():
 # bench.py toy: the scores behind the README's distillation table, against closed forms
 
 def test_toy_scores_closed_form():
-    modes = toy.toy_modes(1)
+    modes = toy_problem.toy_modes(1)
     assert modes.square().mean().item() == pytest.approx(1.0)  # unit variance, as SD latents
     exact = modes.repeat(1, 2, 1, 1, 1)  # every prompt's own modes, twice
-    s = toy.toy_scores(exact, modes)
+    s = toy_problem.toy_scores(exact, modes)
     assert (s["precision"], s["coverage"], s["adherence"]) == (1.0, 1.0, 1.0)
     assert s["dist"] == pytest.approx(0, abs=1e-5) and s["off"] == pytest.approx(0, abs=1e-5)
     wrong = modes.roll(1, dims=0)  # prompt p asks, the modes of prompt p-1 answer
-    s = toy.toy_scores(wrong, modes)
+    s = toy_problem.toy_scores(wrong, modes)
     assert (s["precision"], s["coverage"], s["adherence"]) == (1.0, 0.0, 0.0)
     # a step of length 2 orthogonal to every mode: distance 2, all of it off the modes' span, inside tau
     centers = modes.flatten(2).flatten(0, 1)
     v = torch.randn(centers.shape[1], generator=torch.Generator().manual_seed(0))
     basis = torch.linalg.qr(centers.T).Q
     v = v - basis @ (basis.T @ v)
-    s = toy.toy_scores(modes + (2 * v / v.norm()).view(1, 1, *modes.shape[2:]), modes)
+    s = toy_problem.toy_scores(modes + (2 * v / v.norm()).view(1, 1, *modes.shape[2:]), modes)
     assert s["dist"] == pytest.approx(2, rel=1e-4) and s["off"] == pytest.approx(2, rel=1e-4)
-    assert toy.toy_tau(modes) > 2 and s["precision"] == 1.0
+    assert toy_problem.toy_tau(modes) > 2 and s["precision"] == 1.0
     # Frechet distance: a set against itself is 0; shifted by mu (same covariance) it is |mu|^2
     a = torch.randn(500, 8, generator=torch.Generator().manual_seed(1))
     mu = torch.arange(8.0) / 4
-    assert toy.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
-    assert toy.frechet_distance(a, a + mu) == pytest.approx(mu.square().sum().item(), rel=1e-6)
+    assert toy_problem.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    assert toy_problem.frechet_distance(a, a + mu) == pytest.approx(mu.square().sum().item(), rel=1e-6)
 
 
 def test_toy_mode_balance_closed_form():
     """Balance: per prompt, the number of modes times the smallest share of a mode among the prompt's precise samples.
     Samples placed exactly on the modes, 6/3/3 on the places toy's three modes of every prompt: 3 x 3/12 = 0.75; an
     imprecise sample, or one answering another prompt, is not counted."""
-    modes = toy.toy_modes(0)
+    modes = toy_problem.toy_modes(0)
     picks = torch.tensor([0] * 6 + [1] * 3 + [2] * 3)
     samples = modes[:, picks].clone()
-    s = toy.toy_scores(samples, modes)
+    s = toy_problem.toy_scores(samples, modes)
     assert s["balance"] == pytest.approx([0.75] * 4) and s["counts"] == [[6, 3, 3]] * 4
     samples[0, :6] = modes[1, 0]  # prompt 0's six samples of its first mode answer prompt 1's: none of its own left
     samples[1, :3] += 10  # prompt 1's first three samples, far from every mode
-    s = toy.toy_scores(samples, modes)
+    s = toy_problem.toy_scores(samples, modes)
     assert s["counts"][:2] == [[0, 3, 3], [3, 3, 3]] and s["balance"][:2] == pytest.approx([0.0, 1.0])
 
 
@@ -1032,7 +1032,7 @@ def test_toy_details_modes_share_a_layout():
     differ by a detail (the closest two 0.5-0.7 of a mode's norm apart: 9.3 of 16 at the default), with unit
     variance per element like the places toy; a sample of the data is still precise (tau > its noise)."""
     for seed in (0, 1):
-        modes = toy.toy_modes(seed, "details")
+        modes = toy_problem.toy_modes(seed, "details")
         assert modes.shape == (4, 4, 4, 8, 8) and modes.square().mean().item() == pytest.approx(1.0)
         c = modes.flatten(2)
         norm = c.norm(dim=2).mean().item()
@@ -1040,22 +1040,22 @@ def test_toy_details_modes_share_a_layout():
         assert cos.min().item() > 0.5  # a layout in common: 1 / (1 + 0.55^2) = 0.77 for details apart
         closest = min(torch.pdist(p).min().item() for p in c)
         assert 0.5 * norm < closest < 0.7 * norm
-        data = toy.toy_data(modes, torch.arange(4).repeat_interleave(64), torch.Generator().manual_seed(0))
-        assert toy.toy_scores(data.view(4, 64, 4, 8, 8), modes)["precision"] == 1.0
+        data = toy_problem.toy_data(modes, torch.arange(4).repeat_interleave(64), torch.Generator().manual_seed(0))
+        assert toy_problem.toy_scores(data.view(4, 64, 4, 8, 8), modes)["precision"] == 1.0
 
 
 def test_toy_exact_eps_is_tweedie():
     """The toy teacher's regression target against Tweedie's formula eps* = -sigma grad log p_t(x_t), with
     p_t the noised mixture's density written out (logsumexp of Gaussians) and differentiated by autograd in
     fp64: a prompt's own modes, and every mode for the empty prompt (-1)."""
-    modes = toy.toy_modes(2).double()
+    modes = toy_problem.toy_modes(2).double()
     abar = abar_closed_form()
     t = torch.tensor([0, 150, 500, 900, 999, 999, 700])
     prompt = torch.tensor([0, 1, 2, 3, 0, -1, -1])
     x = (3 * torch.randn(len(t), *modes.shape[2:], generator=torch.Generator().manual_seed(0))).double()
     x.requires_grad_(True)
     a, var = abar[t].sqrt().view(-1, 1), 1 - abar[t].view(-1, 1)
-    v = a ** 2 * toy.TOY_NOISE ** 2 + var
+    v = a ** 2 * toy_problem.TOY_NOISE ** 2 + var
     centers = modes.flatten(2)
     log_p = 0
     for i, p in enumerate(prompt.tolist()):
@@ -1064,7 +1064,7 @@ def test_toy_exact_eps_is_tweedie():
         log_p = log_p + torch.logsumexp(-sq / (2 * v[i]), 0)  # equal weights; constants drop out of the gradient
     (score,) = torch.autograd.grad(log_p, x)
     tweedie = -var.sqrt().view(-1, 1, 1, 1) * score
-    ours = toy.toy_exact_eps(x.detach(), t, prompt, modes, abar)
+    ours = toy_problem.toy_exact_eps(x.detach(), t, prompt, modes, abar)
     assert torch.allclose(ours, tweedie, atol=1e-9, rtol=1e-7)
 
 
@@ -1074,7 +1074,7 @@ def test_toy_teacher_lr(tmp_path):
     diffusers loads."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     wadi.build_tiny_pipeline(str(tmp_path / "init"))  # seeded: the teacher's starting point
-    toy.train_toy_teacher(str(tmp_path / "t"), toy.toy_modes(0), 1, lr=2e-3)
+    toy.train_toy_teacher(str(tmp_path / "t"), toy_problem.toy_modes(0), 1, lr=2e-3)
     before = UNet2DConditionModel.from_pretrained(str(tmp_path / "init"), subfolder="unet")
     after = StableDiffusionPipeline.from_pretrained(str(tmp_path / "t")).unet
     moved = torch.cat([(a - b).abs().flatten() for a, b in zip(after.parameters(), before.parameters())])
@@ -1094,7 +1094,7 @@ def test_toy_diagnostics_vsd_gradient(full_run, tiny, tmp_path):
     """bench.py toy's per-checkpoint diagnostics read a real checkpoint: the VSD gradient (eq. 11) is non-zero
     after training, and exactly zero when the fake's angles are put back to their init (fake == teacher)."""
     from safetensors.torch import load_file, save_file
-    modes, ckpt = toy.toy_modes(0), wadi.list_checkpoints(full_run)[-1]
+    modes, ckpt = toy_problem.toy_modes(0), wadi.list_checkpoints(full_run)[-1]
     trained = toy.toy_diagnostics(tiny, ckpt, modes, 1.5)
     assert all(trained[lo]["g"] > 0 and math.isfinite(trained[lo]["cos"]) for lo, _ in toy.TOY_BUCKETS)
     assert trained["err_in"] > 0 and trained["err_off"] > 0
@@ -1115,13 +1115,13 @@ def test_toy_ceiling_fits_the_teachers_samples(tiny, tmp_path):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(tiny, low_cpu_mem_usage=False)
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(toy.TOY_PROMPTS) + "\n")
+    prompts.write_text("\n".join(toy_problem.TOY_PROMPTS) + "\n")
     argv = ["--pretrained_model_name_or_path", tiny, "--prompts", str(prompts), "--output_dir", str(tmp_path / "out"),
             "--max_train_steps", "30", "--train_batch_size", "8", "--student_rank", "4", "--learning_rate", "1e-2"]
     student, before, after = toy.toy_ceiling(pipe, argv, n=4)
-    target = toy.toy_samples(pipe, 25, 1.5, 4, 2000)  # pipe has the DDIM scheduler and the teacher's UNet still
+    target = toy_problem.toy_samples(pipe, 25, 1.5, 4, 2000)  # pipe has the DDIM scheduler and the teacher's UNet still
     pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
-    teacher_one_step = toy.toy_samples(pipe, 1, 0, 4, 2000)
+    teacher_one_step = toy_problem.toy_samples(pipe, 1, 0, 4, 2000)
     assert before == pytest.approx(torch.nn.functional.mse_loss(teacher_one_step, target).item(), rel=1e-4)
     assert after < 0.9 * before
     assert not (tmp_path / "out").exists()  # the ceiling writes nothing
