@@ -66,10 +66,9 @@ _reuse = {}  # id(theta_a) -> (dtype, W', bias) in that dtype, for layers inside
 
 @contextlib.contextmanager
 def reuse_rotations(model):
-    """Inside the block, each LoRaD layer of `model` forms W' (and casts its bias) once and reuses it in its other
-    calls (a gradient-checkpointing recompute, a second forward) and in its backward, which would each form it again
-    (~6 ops: GPU kernel launches). Yields forget(): call it once the angles changed (an optimizer step), so that the
-    next call forms W' anew. Costs one W' per layer, in the matmul's dtype, held until the block ends."""
+    """Inside the block, each LoRaD layer of `model` forms W' (and casts its bias) once, for all its calls and its
+    backward, instead of in each (~6 GPU kernel launches). Yields forget(): call it once the angles changed (an
+    optimizer step). Costs one W' per layer, in the matmul's dtype, held until the block ends."""
     ids = [id(m.theta_a) for _, m in _lorad_modules(model)]
 
     def forget():  # None: not formed yet
@@ -83,9 +82,8 @@ def reuse_rotations(model):
 
 
 def _rotated(key, weight, bias, theta_a, theta_b, dtype):
-    """W' = rotate(W, theta_a @ theta_b) in fp32 (autocast would round theta to bf16/fp16) and the bias, both cast to
-    the matmul's `dtype`; formed once inside reuse_rotations(). key: id() of the layer's theta_a Parameter (backward's
-    saved theta_a may be another Python object, e.g. after a checkpointed recompute)."""
+    """W' = rotate(W, theta_a @ theta_b) in fp32 (autocast would round theta) and the bias, cast to the matmul's
+    `dtype`. key: id() of the theta_a Parameter (backward's saved copy may be another Python object)."""
     cached = _reuse.get(key) if _reuse else None
     if cached is not None and cached[0] == dtype:
         return cached[1:]
@@ -125,8 +123,7 @@ class _LoRaDFunction(torch.autograd.Function):
         # G = dL/dW' is the weight-gradient GEMM a frozen Linear would skip: LoRaD's one real cost.
         G = (dy.flatten(0, -2).mT @ x.flatten(0, -2)).to(torch.promote_types(x.dtype, torch.float32))
         # d/dtheta of the pair w' = w e^{i theta} is i w', so dL/dtheta = Re(conj(g) i w') = Im(g conj(w'))
-        # = G_odd W'_even - G_even W'_odd. Written in reals:
-        # the complex form would copy conj(w') and return a strided .imag that both matmuls below copy.
+        # = G_odd W'_even - G_even W'_odd, in reals: the complex form would copy conj(w') and a strided .imag.
         g, w = G.unflatten(-1, (-1, 2)), w_rot.unflatten(-1, (-1, 2))
         dtheta = (g[..., 1] * w[..., 0]).addcmul_(g[..., 0], w[..., 1], value=-1)
         dw = rotate(G, -(theta_a @ theta_b)).to(weight.dtype) if ctx.needs_input_grad[1] else None  # W' = R W
