@@ -434,7 +434,7 @@ def test_readme_dreambooth_finetuning(tmp_path, monkeypatch):
     from diffusers import StableDiffusionPipeline
     from PIL import Image
     from safetensors.torch import load_file
-    from wadi import build_tiny_pipeline  # a tiny SD-shaped pipeline folder, offline; the recipe knows nothing of wadi
+    from tiny import build_tiny_pipeline  # a tiny SD-shaped pipeline folder, offline; the recipe knows nothing of wadi
     recipe = [b for b in python_blocks("docs/lorad.md") if "sks dog" in b][0]
     knobs = "resolution, steps, lr, rank = 512, 400, 1e-4, 64"
     assert knobs in recipe and '"my-dog/*.jpg"' in recipe

@@ -21,6 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import tiny as tiny_sd
+from tiny import tiny_pipeline
 import wadi
 from benchmarks import plan, sd, toy, toy_problem
 from benchmarks import step as step_bench
@@ -41,7 +43,7 @@ def tiny(tmp_path_factory):
         mp.setenv("OMP_NUM_THREADS", "1")  # for the subprocesses
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        yield wadi.resolve_model("tiny")
+        yield tiny_pipeline()
         torch.set_num_threads(threads)
 
 
@@ -1073,7 +1075,7 @@ def test_toy_teacher_lr(tmp_path):
     (m/sqrt(v) = sign(g) after bias correction; weight decay adds 1% of lr * |w|), and it saves a folder that stock
     diffusers loads."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    wadi.build_tiny_pipeline(str(tmp_path / "init"))  # seeded: the teacher's starting point
+    tiny_sd.build_tiny_pipeline(str(tmp_path / "init"))  # seeded: the teacher's starting point
     toy.train_toy_teacher(str(tmp_path / "t"), toy_problem.toy_modes(0), 1, lr=2e-3)
     before = UNet2DConditionModel.from_pretrained(str(tmp_path / "init"), subfolder="unet")
     after = StableDiffusionPipeline.from_pretrained(str(tmp_path / "t")).unet

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lorad import LoRaDLinear, add_lorad, load_lorad, lorad_state_dict, merge_lorad, reuse_rotations
+from lorad import add_lorad, merge_lorad, reuse_rotations
 
 # which Linear layers get LoRaD (paper Table 3: 83.80M student angles at rank 256, 9.38M fake at rank 32 in SD1.5)
 STUDENT_LAYERS = dict(include=("down_blocks", "mid_block", "up_blocks"))  # 182 Linear layers in SD1.5
@@ -45,9 +45,8 @@ T_VSD = (20, 980)  # eq. 11's timesteps, inclusive: the ends of the schedule car
 P_EMPTY = 0.1  # share of the fake model's prompts replaced by the empty one, so that its CFG has an uncond branch
 CLIP_NORM = 1.0  # gradient norm clipping of both adapters
 MAX_BAD_STEPS = 10  # non-finite steps in a row that stop a run (each one is skipped)
-VALIDATION_PROMPTS = ["A dog is reading a thick book.", "a shiba inu wearing a beret.",
-                      "Cute small Corgi sitting in a movie theater eating popcorn",
-                      "A hyperrealistic photo of a fox astronaut, perfect face, artstation"]
+VALIDATION_PROMPTS = ["A dog is reading a thick book.", "a shiba inu wearing a beret.", "Cute small Corgi sitting in a "
+                      "movie theater eating popcorn", "A hyperrealistic photo of a fox astronaut, perfect face, artstation"]
 
 
 class UserError(Exception):
@@ -73,16 +72,26 @@ def diffuse(x0, t, noise, abar):
 
 
 def guided_eps(unet, x_t, t, cond, uncond, scale):
-    """Classifier-free guidance, cond and uncond batched into one UNet call."""
+    """Classifier-free guidance, cond and uncond batched into one UNet call (scale 1: the cond score alone)."""
+    if scale == 1:
+        return unet(x_t, t, cond).sample.float()
     eps_c, eps_u = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond])).sample.float().chunk(2)
     return eps_u + scale * (eps_c - eps_u)
 
 
-def vsd_loss(x0, eps_real, eps_fake, abar_t):
+def vsd_loss(x0, x_t, eps_real, eps_fake, abar_t, weighting="paper"):
     """Eq. (11): the student's gradient is w(t) (eps_real - eps_fake) dx0/dtheta with w(t) = 1 - abar_t, where both
     scores are taken at x_t = diffuse(x0). Written as a surrogate whose gradient w.r.t. x0 is exactly that difference
-    (divided by x0.numel()); nan_to_num keeps one overflowing score from poisoning the whole batch."""
-    grad = torch.nan_to_num((1 - abar_t.view(-1, 1, 1, 1)) * (eps_real - eps_fake))
+    (divided by x0.numel()); nan_to_num keeps one overflowing score from poisoning the whole batch.
+    weighting 'dmd': DMD's instead, the difference in x0 space, x0_fake - x0_real = sqrt((1-abar)/abar) (eps_real -
+    eps_fake), divided per sample by the mean |x0 - x0_real|: every sample's step about alike, whatever t."""
+    a = abar_t.view(-1, 1, 1, 1)
+    if weighting == "paper":
+        w = 1 - a
+    else:
+        x0_real = (x_t - (1 - a).sqrt() * eps_real) / a.sqrt()  # the teacher's prediction of x0
+        w = ((1 - a) / a).sqrt() / (x0.detach() - x0_real).abs().mean((1, 2, 3), keepdim=True)
+    grad = torch.nan_to_num(w * (eps_real - eps_fake))
     return 0.5 * F.mse_loss(x0, (x0 - grad).detach())
 
 
@@ -102,7 +111,7 @@ def train_step(run, step):
     if args.lr_schedule == "linear":  # a function of the step alone: a resumed run anneals exactly alike
         run.opt_s.param_groups[0]["lr"] = args.learning_rate * (1 - step / run.max_steps)
     # a LoRaD layer forms W' once per value of its angles (student: forward, recompute, backward; fake: + guided call)
-    with run.reuse_rotations(run.fake) as fake_changed, run.reuse_rotations(run.student):
+    with run.reuse_rotations(run.fake) as fake_changed, run.reuse_rotations(run.student) as student_changed:
         # 1. the student generates x0 in one step from pure noise
         with run.autocast:
             x0 = one_step(run.student, d["z"], cond, run.abar)
@@ -110,13 +119,23 @@ def train_step(run, step):
         x_t = diffuse(x0.detach(), d["t"], d["noise"], run.abar)
         with torch.no_grad(), run.autocast:
             eps_real = guided_eps(run.teacher, x_t, d["t"], cond, uncond, args.guidance_scale)
-            eps_fake = guided_eps(run.fake, x_t, d["t"], cond, uncond, args.guidance_scale)
-        loss_vsd = vsd_loss(x0, eps_real, eps_fake, run.abar[d["t"]])
-        norm_s = update(loss_vsd, run.student_params, run.opt_s, run.scaler_s, run.world)
-        if run.ema is not None:  # EMA of the angles alone: the base is shared, so it costs what the adapter does
+            eps_fake = guided_eps(run.fake, x_t, d["t"], cond, uncond, args.fake_guidance_scale)
+        loss_vsd = loss = vsd_loss(x0, x_t, eps_real, eps_fake, run.abar[d["t"]], args.vsd_weighting)
+        if run.pairs is not None:  # DMD's regression: the student maps a pair's noise onto the teacher's 25-step sample
+            i = d["pair"].cpu()
+            with run.autocast:
+                x0_pair = one_step(run.student, run.pairs["z"][i].to(run.device),
+                                   encode(run, [run.pairs["prompts"][j] for j in i.tolist()]), run.abar)
+            loss = loss + args.regression_weight * F.mse_loss(x0_pair, run.pairs["x0"][i].to(run.device))
+        norm_s = update(loss, run.student_params, run.opt_s, run.scaler_s, run.world)
+        student_changed()
+        if run.ema is not None:
             torch._foreach_lerp_(run.ema_params, [p.detach() for p in run.student_params], 1 - args.ema_decay)
         # 3. the fake model learns the student's current distribution, with 10% empty prompts (for its CFG)
         for k in range(args.fake_updates):
+            if args.fresh_fake_samples:  # DMD2's rule: each fake update sees new samples of the student as it is now
+                with torch.no_grad(), run.autocast:
+                    x0 = one_step(run.student, d["z_fake"][k], cond, run.abar)
             cond_k = torch.where(d["drop"][k].view(-1, 1, 1), uncond, cond)
             with run.autocast:
                 loss_fake = fake_loss(run.fake, x0.detach(), d["t_fake"][k], d["noise_fake"][k], cond_k, run.abar,
@@ -172,9 +191,11 @@ def draw(run, step):
              z=torch.randn(B, *shape, generator=g), t=torch.randint(T_VSD[0], T_VSD[1] + 1, (B,), generator=g),
              noise=torch.randn(B, *shape, generator=g),
              t_fake=torch.randint(0, 1000, (k, B), generator=g), noise_fake=torch.randn(k, B, *shape, generator=g),
-             drop=torch.rand(k, B, generator=g) < P_EMPTY)
+             drop=torch.rand(k, B, generator=g) < P_EMPTY,
+             z_fake=torch.randn(k if run.args.fresh_fake_samples else 0, B, *shape, generator=g),
+             pair=torch.randint(len(run.pairs["z"]) if run.pairs else 1, (B,), generator=g))
     mine = slice(run.rank * b, (run.rank + 1) * b)
-    return {key: (v[:, mine] if key in ("t_fake", "noise_fake", "drop") else v[mine]).to(run.device)
+    return {key: (v[:, mine] if key in ("t_fake", "noise_fake", "drop", "z_fake") else v[mine]).to(run.device)
             for key, v in d.items()}
 
 
@@ -185,6 +206,21 @@ def encode(run, prompts):
                         return_tensors="pt").input_ids.to(run.device)
     with run.autocast:
         return run.text_encoder(ids)[0].float()
+
+
+def read_pairs(path, latent_shape):
+    """DMD's regression pairs: noise z, the teacher's multi-step sample x0 from it, and their prompts (JSON in the
+    file's metadata), made once before training (docs/remedies.md shows how, with a stock diffusers pipeline)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            z, x0, prompts = f.get_tensor("z"), f.get_tensor("x0"), json.loads(f.metadata()["prompts"])
+    except Exception as e:  # not found, not safetensors, no z, x0 or prompts
+        raise UserError(f"cannot read --regression_pairs {path}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+    if not (z.shape == x0.shape and z.shape[1:] == latent_shape and len(prompts) == len(z) and x0.isfinite().all()):
+        raise UserError(f"--regression_pairs {path}: z {tuple(z.shape)} and x0 {tuple(x0.shape)} must be {len(prompts)} "
+                        f"finite latents of shape {latent_shape}, one per prompt")
+    return dict(z=z, x0=x0, prompts=prompts)
 
 
 def read_prompts(path):
@@ -222,27 +258,36 @@ def load_pipeline_parts(path, device, dtype):
     return tokenizer, text_encoder, vae, unet, scheduler
 
 
-def resolve_model(name):
-    """'tiny' -> the cached tiny pipeline folder (built once, atomically, so parallel ranks may race)."""
-    if name != "tiny":
-        return name
-    cache = os.path.join(os.environ.get("WADI_CACHE", os.path.expanduser("~/.cache/wadi")), "tiny-sd")
-    if not os.path.isdir(cache):
-        tmp = f"{cache}.tmp{os.getpid()}"
-        build_tiny_pipeline(tmp)
-        try:
-            os.rename(tmp, cache)
-        except OSError:  # another process got there first: same content
-            shutil.rmtree(tmp)
-    return cache
-
-
-def share_base(unet, rank, layers):
-    """A LoRaD copy of `unet` that shares every base weight with it (deepcopy with the tensors pre-memoized)."""
-    memo = {id(t): t for t in [*unet.parameters(), *unet.buffers()]}
-    model = copy.deepcopy(unet, memo)
-    add_lorad(model, rank, **layers)
+def share_base(unet, rank, layers, adapter="lorad"):
+    """A copy of `unet` with an adapter on `layers`, sharing every base weight with `unet` (deepcopy with the tensors
+    pre-memoized): LoRaD, or LoRA or DoRA on the same Linear layers by diffusers' peft integration (lora_alpha = rank:
+    scale 1). 'full': a copy of its own in fp32, every weight trained (DMD2's student)."""
+    if adapter == "full":
+        return copy.deepcopy(unet).float().requires_grad_(True)
+    model = copy.deepcopy(unet, {id(t): t for t in [*unet.parameters(), *unet.buffers()]})
+    if adapter == "lorad":
+        add_lorad(model, rank, **layers)
+    else:
+        from peft import LoraConfig
+        names = [n for n, m in unet.named_modules() if type(m) is torch.nn.Linear
+                 and any(s in n for s in layers["include"]) and not any(s in n for s in layers.get("exclude", ()))]
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=names, use_dora=adapter == "dora"))
     return model
+
+
+def own_tensors(model, base):
+    """What a model trains, by name: the parameters it does not share with `base` (its adapter; 'full': all)."""
+    shared = {id(p) for p in base.parameters()}
+    return {k: p.detach() for k, p in model.named_parameters() if id(p) not in shared}
+
+
+@torch.no_grad()
+def load_own(model, base, state):
+    own = own_tensors(model, base)
+    if own.keys() != state.keys() or any(own[k].shape != v.shape for k, v in state.items()):
+        raise ValueError(f"{len(state)} tensors do not match the model's {len(own)} (another --adapter or rank?)")
+    for k, t in own.items():
+        t.copy_(state[k])
 
 
 def check_output_dir(path):
@@ -252,17 +297,6 @@ def check_output_dir(path):
         existing = os.path.dirname(existing)
     if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)):
         raise UserError(f"--output_dir {path}: {existing} is " + ("not writable" if os.path.isdir(existing) else "a file"))
-
-
-def rank_note(run):
-    """theta = theta_a @ theta_b is out x in/2, which rank min(out, in/2) already spans: a higher rank only adds
-    angles. The paper's rank 256 is such (in/2 = 160 in SD1.5's 320-channel blocks), so we train it and say so."""
-    notes = []
-    for flag, model in (("--student_rank", run.student), ("--fake_rank", run.fake)):
-        layers = [m for m in model.modules() if isinstance(m, LoRaDLinear)]
-        if over := sum(m.rank > min(m.out_features, m.in_features // 2) for m in layers):
-            notes.append(f"{flag} {layers[0].rank} in {over} of {len(layers)} layers")
-    return "a rank above a layer's min(out, in/2) adds angles, not expressivity: " + "; ".join(notes) if notes else None
 
 
 def setup(args, parts=None):
@@ -292,7 +326,11 @@ def setup(args, parts=None):
         raise UserError(f"{args.output_dir} holds another run's output; pass --resume_from_checkpoint latest "
                         "or choose a new --output_dir")
     # models: the frozen parts in the training dtype; teacher, fake and student share one base UNet
-    run.model_path = resolve_model(args.pretrained_model_name_or_path) if parts is None else None
+    name = args.pretrained_model_name_or_path
+    if name == "tiny" and parts is None:  # a tiny SD-shaped model, built on the spot (tiny.py)
+        from tiny import tiny_pipeline
+        name = tiny_pipeline()
+    run.model_path = name if parts is None else None
     parts = parts or load_pipeline_parts(run.model_path, run.device, dtype)
     run.tokenizer, run.text_encoder, run.vae, unet, run.scheduler = parts
     run.abar = run.scheduler.alphas_cumprod.to(run.device, torch.float32)
@@ -301,12 +339,12 @@ def setup(args, parts=None):
     run.latent_shape = (unet.config.in_channels, res // scale, res // scale)
     run.teacher = unet
     torch.manual_seed(args.seed)  # theta_b's random init: the same on every rank (nothing broadcasts it)
-    run.student = share_base(unet, args.student_rank, STUDENT_LAYERS).train()
-    run.fake = share_base(unet, args.fake_rank, FAKE_LAYERS).train()
-    run.ema = share_base(unet, args.student_rank, STUDENT_LAYERS).requires_grad_(False) if args.ema_decay else None
-    if run.ema is not None:
-        load_lorad(run.ema, lorad_state_dict(run.student))
-        run.ema_params = list(lorad_state_dict(run.ema).values())  # views of its angles, for the in-place EMA
+    run.student = share_base(unet, args.student_rank, STUDENT_LAYERS, args.adapter).train()
+    run.fake = share_base(unet, args.fake_rank, FAKE_LAYERS).train()  # LoRaD, whatever the student's adapter
+    run.ema = share_base(unet, args.student_rank, STUDENT_LAYERS, args.adapter).requires_grad_(False) if args.ema_decay else None
+    if run.ema is not None:  # an EMA of the trained tensors alone: with a shared base, it costs what the adapter does
+        load_own(run.ema, unet, own_tensors(run.student, unet))
+        run.ema_params = list(own_tensors(run.ema, unet).values())  # views, for the in-place EMA
     if args.gradient_checkpointing:  # recompute activations in backward; the models are in train mode
         run.student.enable_gradient_checkpointing()
         run.fake.enable_gradient_checkpointing()
@@ -314,15 +352,16 @@ def setup(args, parts=None):
     for model in (run.teacher, run.student, run.fake) if args.compile else ():  # forward and backward, by inductor
         model.compile(dynamic=False)  # one graph per call shape (batch b and 2b): no dynamic-shape recompiles
     # optimizers: AdamW on the angles alone (paper §4.1); GradScaler only does something for fp16
-    run.adapter_sets = dict(student=run.student, fake=run.fake, **({"ema": run.ema} if run.ema is not None else {}))
+    run.adapter_sets = {f"student_{args.adapter}": run.student, "fake_lorad": run.fake,  # checkpoint file names
+                        **({f"ema_{args.adapter}": run.ema} if run.ema is not None else {})}
     run.student_params, run.fake_params = ([p for p in m.parameters() if p.requires_grad] for m in (run.student, run.fake))
-    run.rank_note = rank_note(run)
     adamw = dict(betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8, fused=True)  # one kernel per step, not a dozen
     run.opt_s = torch.optim.AdamW(run.student_params, lr=args.learning_rate, **adamw)
     run.opt_f = torch.optim.AdamW(run.fake_params, lr=args.fake_learning_rate, **adamw)
     run.scaler_s, run.scaler_f = (torch.amp.GradScaler(run.device.type, enabled=mp == "fp16") for _ in range(2))
     # text: the empty prompt (for CFG and the fake model's dropout) and the validation prompts, encoded once
     run.null_emb, run.val_emb = encode(run, [""]), encode(run, args.validation_prompts)
+    run.pairs = read_pairs(args.regression_pairs, run.latent_shape) if args.regression_weight else None
     # validation noise: latent i is what diffusers draws for pipe(..., generator=torch.Generator().manual_seed(i))
     run.val_z = torch.cat([torch.randn(1, *run.latent_shape, generator=torch.Generator().manual_seed(i))
                            for i in range(len(run.val_emb))]).to(run.device)
@@ -357,7 +396,7 @@ def save_checkpoint(run, step):
     def write(tmp):
         os.makedirs(tmp)
         for name, model in run.adapter_sets.items():
-            save_file({k: v.cpu() for k, v in lorad_state_dict(model).items()}, os.path.join(tmp, f"{name}_lorad.safetensors"))
+            save_file({k: v.cpu() for k, v in own_tensors(model, run.teacher).items()}, os.path.join(tmp, f"{name}.safetensors"))
         torch.save(dict(step=step, samples_seen=step * run.args.train_batch_size * run.world, skipped=run.skipped,
                         opt_s=run.opt_s.state_dict(), opt_f=run.opt_f.state_dict(), scaler_s=run.scaler_s.state_dict(),
                         scaler_f=run.scaler_f.state_dict(), rng=torch.get_rng_state()), os.path.join(tmp, "state.pt"))
@@ -371,7 +410,7 @@ def load_checkpoint(run, path):
     from safetensors.torch import load_file
     try:
         for name, model in run.adapter_sets.items():
-            load_lorad(model, load_file(os.path.join(path, f"{name}_lorad.safetensors"), device=str(run.device)))
+            load_own(model, run.teacher, load_file(os.path.join(path, f"{name}.safetensors"), device=str(run.device)))
         state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
         for name in ("opt_s", "opt_f", "scaler_s", "scaler_f"):
             getattr(run, name).load_state_dict(state[name])
@@ -401,18 +440,22 @@ def validate(run, step):
 
 
 def export(run):
-    """student_lorad.safetensors (adapter only) and pipeline/ (a stock diffusers folder, one-step scheduler),
-    then reload the pipeline through the public API: a broken export fails here, loudly."""
+    """student_{adapter}.safetensors (the trained tensors alone) and pipeline/ (a stock diffusers folder, one-step
+    scheduler), then reload the pipeline through the public API: a broken export fails here, loudly."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from safetensors.torch import save_file
-    out, model = run.args.output_dir, (run.ema if run.ema is not None else run.student)
-    angles = {k: v.cpu() for k, v in lorad_state_dict(model).items()}
-    replace_atomically(os.path.join(out, "student_lorad.safetensors"), functools.partial(save_file, angles))
+    out, model, adapter = run.args.output_dir, (run.ema if run.ema is not None else run.student), run.args.adapter
+    state = {k: v.cpu() for k, v in own_tensors(model, run.teacher).items()}
+    replace_atomically(os.path.join(out, f"student_{adapter}.safetensors"), functools.partial(save_file, state))
     # merge in fp32 into the original fp32 weights, not into the bf16/fp16 copy we may have trained on
-    unet = UNet2DConditionModel.from_pretrained(run.model_path, subfolder="unet", low_cpu_mem_usage=False)
-    add_lorad(unet, run.args.student_rank, **STUDENT_LAYERS)
-    load_lorad(unet, angles)
-    merge_lorad(unet)
+    base = UNet2DConditionModel.from_pretrained(run.model_path, subfolder="unet", low_cpu_mem_usage=False)
+    unet = share_base(base, run.args.student_rank, STUDENT_LAYERS, adapter)
+    load_own(unet, base, state)
+    if adapter == "lorad":
+        merge_lorad(unet)
+    elif adapter != "full":  # W + B A (DoRA: rescaled to its learned norms) into the base Linear layers, then those
+        unet.fuse_lora()  # in place of the adapted ones (the base is `base`'s, changed in place: it is ours alone)
+        unet.unload_lora()
     # one DDPM step with trailing spacing goes t=999 -> x0 exactly as one_step() does (so do DDIM and LCM; PNDM does not)
     scheduler = DDPMScheduler.from_config(run.scheduler.config, timestep_spacing="trailing", clip_sample=False)
     pipe = StableDiffusionPipeline.from_pretrained(run.model_path, unet=unet, scheduler=scheduler, low_cpu_mem_usage=False)
@@ -452,13 +495,21 @@ def parse_args(argv=None):
     p.add_argument("--lr_schedule", choices=["constant", "linear"], default="constant",
                    help="student lr: constant (paper) or linear to 0 at the last step (docs/toy.md)")
     p.add_argument("--fake_learning_rate", type=float, default=1e-2)
+    p.add_argument("--adapter", choices=["lorad", "lora", "dora", "full"], default="lorad", help="the student's")
     p.add_argument("--student_rank", type=int, default=256)
     p.add_argument("--fake_rank", type=int, default=32)
     p.add_argument("--guidance_scale", type=float, default=1.5, help="CFG on both teacher and fake score")
     p.add_argument("--fake_updates", type=int, default=1, help="fake-model steps per generator step (DMD2: 5)")
     p.add_argument("--fake_weighting", choices=["abar", "none"], default="abar",
                    help="eq. 12's weight: abar_t as the authors' code; none as the paper prints it (docs/toy.md)")
-    p.add_argument("--ema_decay", type=float, default=0.0, help="EMA of the student angles; 0 = off")
+    p.add_argument("--ema_decay", type=float, default=0.0, help="EMA of the student's trained tensors; 0 = off")
+    # remedies for VSD's drift between a prompt's modes, from DMD and DMD2; all off: the defaults are the paper's
+    p.add_argument("--fresh_fake_samples", action="store_true", help="each fake update on new student samples (DMD2)")
+    p.add_argument("--fake_guidance_scale", type=float, default=None,
+                   help="CFG on the fake score; default: --guidance_scale (the authors'); 1: none (DMD, DMD2)")
+    p.add_argument("--vsd_weighting", choices=["paper", "dmd"], default="paper", help="eq. 11's w(t) (vsd_loss)")
+    p.add_argument("--regression_weight", type=float, default=0.0, help="DMD's regression loss (DMD: 0.25); 0 = off")
+    p.add_argument("--regression_pairs", help="its pairs: a safetensors file (docs/remedies.md)")
     # numerics and memory
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: bf16 on CUDA, no on CPU")
     p.add_argument("--gradient_checkpointing", action="store_true")
@@ -477,11 +528,15 @@ def parse_args(argv=None):
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UserError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
-    for name in ("learning_rate", "fake_learning_rate", "guidance_scale"):  # argparse's float() takes nan and inf
-        if not 0 <= getattr(args, name) < math.inf:
+    if args.fake_guidance_scale is None:
+        args.fake_guidance_scale = args.guidance_scale
+    for name in ("learning_rate", "fake_learning_rate", "guidance_scale", "fake_guidance_scale", "regression_weight"):
+        if not 0 <= getattr(args, name) < math.inf:  # argparse's float() takes nan and inf
             raise UserError(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
     if not 0 <= args.ema_decay < 1:
         raise UserError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    if args.regression_weight and not args.regression_pairs:
+        raise UserError("--regression_weight needs --regression_pairs, a file of the teacher's samples")
     if not -2**63 <= args.seed < 2**64:  # what torch.manual_seed takes
         raise UserError(f"--seed must fit in 64 bits, got {args.seed}")
     return args
@@ -497,18 +552,14 @@ def main(argv=None):
                               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # CPU: peak RSS, in KiB
     if master:
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-        log_path = os.path.join(out, "log.jsonl")
-        if os.path.exists(log_path):  # steps after the checkpoint we resume from are redone: drop their lines
-            with open(log_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= start]
-            with open(log_path, "w") as f:
-                f.writelines(kept)
-        log = open(log_path, "a")
+        log_path = os.path.join(out, "log.jsonl")  # steps after the checkpoint we resume from are redone: drop their lines
+        kept = [line for line in open(log_path) if json.loads(line)["step"] <= start] if os.path.exists(log_path) else []
+        log = open(log_path, "w")
+        log.writelines(kept)
         n_s, n_f = sum(p.numel() for p in run.student_params), sum(p.numel() for p in run.fake_params)
         print(f"wadi: {run.model_path} | {len(run.prompts)} prompts | student {n_s / 1e6:.2f}M, fake {n_f / 1e6:.2f}M "
               f"trainable | global batch {args.train_batch_size * run.world} on {run.world} x {run.device.type} | "
-              f"{run.mixed_precision} | steps {start}..{run.max_steps}" + (f" (resumed {run.resume})" if run.resume else "")
-              + (f"\nwadi: note: {run.rank_note}" if run.rank_note else ""))
+              f"{run.mixed_precision} | steps {start}..{run.max_steps}" + (f" (resumed {run.resume})" if run.resume else ""))
     bad_in_a_row = 0
     for step in tqdm(range(start, run.max_steps), initial=start, total=run.max_steps, disable=not master):
         t0 = time.time()
@@ -538,49 +589,12 @@ def main(argv=None):
     if master:
         samples = validate(run, run.max_steps)
         pipeline, err = export(run)
-        print(f"wadi: done | samples {samples} | adapter {os.path.join(out, 'student_lorad.safetensors')} | "
+        print(f"wadi: done | samples {samples} | adapter {os.path.join(out, f'student_{args.adapter}.safetensors')} | "
               f"pipeline {pipeline} (one-step output vs trainer: {err:.1e} relative) | "
               f"peak memory {peak_memory_gb():.2f} GB")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-# -----------------------------------------------------------------------------
-# the tiny SD-shaped pipeline: the same loading code runs with no download and no GPU
-
-
-def build_tiny_pipeline(path):
-    """A random SD1.5-shaped pipeline (UNet 0.8M, VAE 0.25M, CLIP 24k parameters) saved as a diffusers folder, with
-    a character-level tokenizer whose vocabulary is written to disk."""
-    import string
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    torch.manual_seed(0)
-    os.makedirs(os.path.join(path, "tokenizer"))
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in string.ascii_lowercase + string.digits + string.punctuation:
-        vocab[ch], vocab[ch + "</w>"] = len(vocab), len(vocab) + 1  # inside a word, and ending one
-    files = [os.path.join(path, "tokenizer", name) for name in ("vocab.json", "merges.txt")]
-    for file, text in zip(files, (json.dumps(vocab), "#version: 0.2\n")):  # no merges: one token per character
-        with open(file, "w") as f:
-            f.write(text)
-    tokenizer = CLIPTokenizer(*files, model_max_length=77)  # pad = eos = <|endoftext|>, as SD's
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    unet = UNet2DConditionModel(  # SD1.5's block types and attention layout, two levels, 32/64 channels
-        sample_size=8, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
-        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    vae = AutoencoderKL(  # four blocks: downsamples by 8 like SD's
-        block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
-    scheduler = DDPMScheduler(  # SD1.5's training schedule, and its clip_sample=False
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None, requires_safety_checker=False
-                            ).save_pretrained(path)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import wadi
+from tiny import tiny_pipeline
 from benchmarks.sd import SD15, SD15_TEXT, SD21, SD21_TEXT, SD_SCHEDULE, SD_VAE
 
 PLAN_MODELS = {  # name: (label, UNet, text tower); both at 512 px, with SD_VAE and SD_SCHEDULE
@@ -187,7 +188,7 @@ def count_step(unet_config, text_config, vae_config, argv, as_on_gpu=True, betwe
             f.write("a prompt\n")
         args = wadi.parse_args(["--prompts", f.name, "--output_dir", os.path.join(tmp, "out"), *argv])
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
-        tokenizer = CLIPTokenizer.from_pretrained(wadi.resolve_model("tiny"), subfolder="tokenizer")  # pads to 77 too
+        tokenizer = CLIPTokenizer.from_pretrained(tiny_pipeline(), subfolder="tokenizer")  # pads to 77 too
         with torch.device("meta"):  # the architectures in the training dtype, as loaded; storages come below
             text_encoder = CLIPTextModel(CLIPTextConfig(**text_config)).to(dtype)
             vae, unet = AutoencoderKL(**vae_config).to(dtype), UNet2DConditionModel(**unet_config).to(dtype)

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 import wadi
+from tiny import tiny_pipeline
 from benchmarks.layer import authors_hook_design
 from benchmarks.sd import SD15, SD15_TEXT
 
@@ -85,7 +86,7 @@ def memory_run(unet, text_encoder, side, batch, student_rank, fake_rank, extra=(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mp = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mp]
-    tok, _, vae, _, sched = wadi.load_pipeline_parts(wadi.resolve_model("tiny"), device, dtype)
+    tok, _, vae, _, sched = wadi.load_pipeline_parts(tiny_pipeline(), device, dtype)
     return wadi.setup(args, parts=(tok, text_encoder.to(device, dtype), vae, unet.to(device, dtype), sched))
 
 
@@ -93,7 +94,7 @@ def step_run(size, design, student_rank, fake_rank, extra=()):
     """A wadi run on an SD-shaped UNet; design 'authors' swaps in their three-copy, hooked models."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    _, te, _, unet, _ = wadi.load_pipeline_parts(wadi.resolve_model("tiny"), torch.device("cpu"), torch.float32)
+    _, te, _, unet, _ = wadi.load_pipeline_parts(tiny_pipeline(), torch.device("cpu"), torch.float32)
     config, side, batch = STEP_SIZES[size]
     torch.manual_seed(0)
     if config:
@@ -171,7 +172,7 @@ def bench_step(args):
                        "--student_rank", str(args.student_rank), "--fake_rank", str(args.fake_rank), "--", *args.wadi_args]
                 res[design].append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
         config, side, batch = STEP_SIZES[size]
-        config = dict(sample_size=side, **config) if config else UNet2DConditionModel.load_config(wadi.resolve_model("tiny"), subfolder="unet")
+        config = dict(sample_size=side, **config) if config else UNet2DConditionModel.load_config(tiny_pipeline(), subfolder="unet")
         ours, theirs = step_flops(config, side, batch, args.student_rank, args.fake_rank)
         flops = {"ours": ours, "authors": theirs}
         sec = {d: statistics.median(r["sec"] for r in rs) for d, rs in res.items()}

@@ -7,6 +7,7 @@ command line, and scores in latent space against the known modes, beside the reg
 """
 import argparse
 import contextlib
+import glob
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 import lorad
 import wadi
+from tiny import build_tiny_pipeline
 from benchmarks.plot import line_plot
 from benchmarks.toy_problem import (TOY_NOISE, TOY_PROMPTS, toy_data, toy_exact_eps, toy_modes, toy_noise, toy_samples,
                                      toy_scores, toy_tau)
@@ -44,7 +46,7 @@ def train_toy_teacher(path, modes, steps, target="exact", unet_kind="tiny", batc
     lr 3e-3 (decayed to 0) is what makes the one-step output blur-like: the off-span part of the attention UNet's
     one-step error is 4.03 / 2.78 / 2.32 at lr 1e-3 / 2e-3 / 3e-3 (docs/toy.md); the first toys' teachers used 1e-3."""
     from diffusers import UNet2DConditionModel
-    wadi.build_tiny_pipeline(path)
+    build_tiny_pipeline(path)
     tok, te, vae, unet, sched = wadi.load_pipeline_parts(path, torch.device("cpu"), torch.float32)
     if TOY_UNETS[unet_kind]:
         unet = UNet2DConditionModel.from_config(unet.config, **TOY_UNETS[unet_kind])
@@ -84,6 +86,21 @@ TOY_RECIPE = ["--train_batch_size", "16", "--student_rank", "16", "--fake_rank",
 # "Why VSD drops modes"). 2000 steps (bench.py toy --steps): ~25 CPU-minutes.
 
 
+@torch.no_grad()
+def make_pairs(teacher, prompts, z, path, batch=64):
+    """DMD's regression pairs for wadi.py --regression_pairs, as docs/remedies.md makes them: the teacher's 25-step
+    DDIM samples with CFG 1.5 (the recipe's) from the noise z, one per prompt."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from safetensors.torch import save_file
+    pipe = StableDiffusionPipeline.from_pretrained(teacher, low_cpu_mem_usage=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    x0 = torch.cat([pipe(prompts[i:i + batch], num_inference_steps=25, guidance_scale=1.5, latents=z[i:i + batch],
+                         output_type="latent").images for i in range(0, len(prompts), batch)])
+    save_file({"z": z.contiguous(), "x0": x0}, path + ".tmp", {"prompts": json.dumps(prompts)})
+    os.replace(path + ".tmp", path)
+
+
 def lorad_from(teacher, path, layers):
     """The teacher's UNet with the LoRaD angles of a checkpoint file (rank read off theta_a), unmerged."""
     from diffusers import UNet2DConditionModel
@@ -93,6 +110,43 @@ def lorad_from(teacher, path, layers):
     lorad.add_lorad(unet, next(v for k, v in angles.items() if k.endswith("theta_a")).shape[1], **layers)
     lorad.load_lorad(unet, angles)
     return unet.eval()
+
+
+def student_from(teacher, ckpt):
+    """The teacher's UNet with the student of a checkpoint folder, whatever its adapter (read off the file name
+    student_{adapter}.safetensors; the rank off its tensors), unmerged."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+    (path,) = glob.glob(os.path.join(ckpt, "student_*.safetensors"))
+    adapter, state = os.path.basename(path)[len("student_"):-len(".safetensors")], load_file(path)
+    rank = next((v.shape[1] if k.endswith("theta_a") else v.shape[0] for k, v in state.items()
+                 if k.endswith("theta_a") or "lora_A" in k), 1)
+    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", low_cpu_mem_usage=False)
+    student = wadi.share_base(unet, rank, wadi.STUDENT_LAYERS, adapter)
+    wadi.load_own(student, unet, state)
+    return student.eval()
+
+
+@torch.no_grad()
+def direction_vs_norm(teacher, student):
+    """The paper's Fig. 1 and Table 2 columns on the student: per layer (Linear, and conv for full fine-tuning), the
+    norm change NM and direction change DM of lorad.weight_change (x100, as the paper prints them), their ratio, and
+    the share of the direction residual's energy (squared singular values of the row-normalised W1 minus W0) that its
+    top 30% singular values hold, the paper's "30% of the rank recovers 93%"."""
+    mine = dict(student.named_modules())
+    out = {}
+    for kind in (torch.nn.Linear, torch.nn.Conv2d):
+        rows = []
+        for name, m in teacher.named_modules():
+            if type(m) is kind:
+                w0, w1 = m.weight.double().flatten(1), mine[name].weight.double().flatten(1)
+                nm, dm = lorad.weight_change(w0, w1)
+                s = torch.linalg.svdvals(F.normalize(w1, dim=1) - F.normalize(w0, dim=1)).square()
+                top = s[:max(1, round(0.3 * len(s)))].sum() / s.sum() if s.sum() > 0 else torch.tensor(math.nan)  # unchanged
+                rows.append((100 * nm, 100 * dm, top.item()))
+        nm, dm, top = (sum(v) / len(v) for v in ([x for x in v if math.isfinite(x)] or [math.nan] for v in zip(*rows)))
+        out[kind.__name__] = dict(layers=len(rows), nm=nm, dm=dm, ratio=dm / nm if nm else math.inf, top30=top)
+    return out
 
 
 def toy_ceiling(pipe, wadi_argv, n=384):
@@ -121,6 +175,10 @@ def toy_ceiling(pipe, wadi_argv, n=384):
         return run.student.eval(), before, fit(slice(None)).item()
 
 
+def ratio(a, b):
+    return a / b if b else math.nan
+
+
 TOY_BUCKETS = [(20, 200), (200, 500), (500, 800), (800, 981)]
 
 
@@ -133,7 +191,7 @@ def toy_diagnostics(teacher, ckpt, modes, guidance, previous=None):
     denoising error (eps MSE) on the student's samples against the teacher's on the data: the fake has caught
     up with the student when the two are alike."""
     _, te, _, unet, sched = wadi.load_pipeline_parts(teacher, torch.device("cpu"), torch.float32)
-    student = lorad_from(teacher, os.path.join(ckpt, "student_lorad.safetensors"), wadi.STUDENT_LAYERS)
+    student = student_from(teacher, ckpt)
     fake = lorad_from(teacher, os.path.join(ckpt, "fake_lorad.safetensors"), wadi.FAKE_LAYERS)
     from transformers import CLIPTokenizer
     run = argparse.Namespace(tokenizer=CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer"), text_encoder=te,
@@ -168,7 +226,8 @@ def toy_diagnostics(teacher, ckpt, modes, guidance, previous=None):
 
 
 def bench_toy(args):
-    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import load_file
     for name in ("teacher_steps", "steps", "samples"):
         if getattr(args, name) < 1:
             sys.exit(f"bench.py toy: --{name} must be >= 1, got {getattr(args, name)}")
@@ -178,6 +237,8 @@ def bench_toy(args):
         sys.exit(f"bench.py toy: --toy_detail must be a finite number > 0, got {args.toy_detail}")
     details = f"details{args.toy_detail:g}-" if args.toy_modes == "details" else ""
     out = os.path.join(args.out, f"toy-{details}seed{args.seed}")
+    if args.table is not None:
+        return toy_table(out, args.table)
     os.makedirs(out, exist_ok=True)
     tag = args.teacher_target + ("" if args.toy_unet == "tiny" else f"-{args.toy_unet}")
     # the teacher's recipe in its folder's name: the cached student (its command names the teacher) follows it
@@ -190,21 +251,28 @@ def bench_toy(args):
         os.rename(teacher + ".tmp", teacher)
         print(f"teacher trained in {(time.time() - t0) / 60:.1f} min")
     # distillation: wadi.py's own command line
-    prompts, student = os.path.join(out, "prompts.txt"), os.path.join(out, f"wadi-{tag}")
+    # each run in its own folder, named by its steps and its flags beyond the recipe's: runs side by side, each cached
+    variant = "".join("-" + a[2:] if a.startswith("--") else a for a in args.wadi_args)
+    prompts, student = os.path.join(out, "prompts.txt"), os.path.join(out, f"wadi-{tag}-{args.steps}{variant}")
     with open(prompts, "w") as f:
         f.write("\n".join(TOY_PROMPTS) + "\n")
     S = args.steps
     flags = [*TOY_RECIPE, *args.wadi_args]
+    if "--regression_weight" in flags and "--regression_pairs" not in flags:  # DMD's pairs, from their own noise
+        pairs = os.path.join(out, "regression-pairs-1024.safetensors")
+        if not os.path.exists(pairs):
+            make_pairs(teacher, [p for p in TOY_PROMPTS for _ in range(256)], toy_noise(256, 3000).flatten(0, 1), pairs)
+        flags += ["--regression_pairs", pairs]
     cmd = [sys.executable, os.path.abspath(wadi.__file__),
            "--pretrained_model_name_or_path", teacher, "--prompts", prompts, "--validation_prompts", *TOY_PROMPTS,
            "--output_dir", student, "--max_train_steps", str(S), "--checkpointing_steps", str(max(1, S // 10)),
            "--validation_steps", str(S), *flags]
     print("wadi.py flags for the toy:", " ".join(flags), "--max_train_steps", S)
-    def cached(path):  # a finished run's record (its command, wall time, scores), if made by this very command
+    def cached(path, made_by=cmd[1:]):  # a finished run's record (what made it, wall time, scores), if made so
         if os.path.exists(path):
             with open(path) as f:
                 record = json.load(f)
-            return record if record["cmd"] == cmd[1:] else None
+            return record if record["cmd"] == made_by else None
     done = student + ".json"  # rerun only what changed
     if not cached(done):
         print(" ".join(cmd[1:]))
@@ -223,16 +291,21 @@ def bench_toy(args):
     pipe.scheduler = DDIMScheduler.from_config(config)
     rows["teacher, 25 DDIM steps, no CFG"] = toy_scores(toy_samples(pipe, 25, 1.0, n), modes)
     rows["teacher, 25 DDIM steps, CFG 1.5"] = toy_scores(toy_samples(pipe, 25, 1.5, n), modes)
-    ceiling = os.path.join(out, f"ceiling-{tag}.json")  # cached like the run it is compared with
-    if not cached(ceiling):
+    # the ceiling depends on the student's flags alone: runs that change only the fake or the loss share it
+    a = wadi.parse_args(cmd[2:])
+    key = [f"{k}{getattr(a, k)}" for k in ("adapter", "student_rank", "learning_rate", "lr_schedule", "train_batch_size",
+                                          "max_train_steps", "guidance_scale", "seed")]
+    ceiling = os.path.join(out, f"ceiling-{tag}-{'-'.join(key)}.json")
+    if not cached(ceiling, key) and args.ceiling:
         t0 = time.time()
         pipe.unet, before, after = toy_ceiling(pipe, [*cmd[2:], "--output_dir", os.path.join(out, "unused")])
         pipe.scheduler = one_step
-        json.dump(dict(cmd=cmd[1:], minutes=(time.time() - t0) / 60, mse=[before, after],
+        json.dump(dict(cmd=key, minutes=(time.time() - t0) / 60, mse=[before, after],
                        scores=toy_scores(toy_samples(pipe, 1, 0, n), modes)), open(ceiling, "w"))
-    fit = cached(ceiling)
-    print(f"regression ceiling: the student fitted to 25-step samples, MSE {fit['mse'][0]:.3f} -> {fit['mse'][1]:.3f}")
-    rows[f"student fitted to the 25-step samples ({S} steps, {fit['minutes']:.1f} min): the ceiling"] = fit["scores"]
+    fit = cached(ceiling, key) or dict(scores=dict(precision=math.nan, coverage=math.nan, adherence=math.nan))
+    if "mse" in fit:
+        print(f"regression ceiling: the student fitted to 25-step samples, MSE {fit['mse'][0]:.3f} -> {fit['mse'][1]:.3f}")
+        rows[f"student fitted to the 25-step samples ({S} steps, {fit['minutes']:.1f} min): the ceiling"] = fit["scores"]
     exported = StableDiffusionPipeline.from_pretrained(os.path.join(student, "pipeline"), low_cpu_mem_usage=False)
     rows[f"wadi student, 1 step ({S} steps, {minutes:.1f} min)"] = toy_scores(toy_samples(exported, 1, 0, n), modes)
     centers = modes.flatten(2)
@@ -250,32 +323,41 @@ def bench_toy(args):
     goal = rows["teacher, 25 DDIM steps, CFG 1.5"]
     student_row = list(rows.values())[-1]
     print("student / 25-step teacher (CFG 1.5): " + ", ".join(
-        f"{k} {student_row[k] / goal[k]:.2f}x" for k in ("precision", "coverage", "adherence")) + " (goal >= 0.9x)")
+        f"{k} {ratio(student_row[k], goal[k]):.2f}x" for k in ("precision", "coverage", "adherence")) + " (goal >= 0.9x)")
     print("student / regression ceiling: " + ", ".join(
-        f"{k} {student_row[k] / fit['scores'][k]:.2f}x" for k in ("precision", "coverage", "adherence")))
+        f"{k} {ratio(student_row[k], fit['scores'][k]):.2f}x" for k in ("precision", "coverage", "adherence")))
     # over training: every checkpoint's student through the pipeline, and the diagnostics of toy_diagnostics
     curve, diag, previous = {0: rows["teacher, 1 step"]}, {}, None
     pipe.scheduler = one_step
     for ckpt in wadi.list_checkpoints(student):
         step = int(ckpt.rsplit("-", 1)[1])
-        pipe.unet = lorad_from(teacher, os.path.join(ckpt, "student_lorad.safetensors"), wadi.STUDENT_LAYERS)
+        pipe.unet = student_from(teacher, ckpt)
         curve[step] = toy_scores(toy_samples(pipe, 1, 0, n), modes)
         diag[step] = toy_diagnostics(teacher, ckpt, modes, 1.5, previous)
         previous = diag[step].pop("x0")
+    # the record the table is rebuilt from (bench.py toy --table): scores, the curve, the ceiling, the weight change
+    teacher_unet, final = (UNet2DConditionModel.from_pretrained(p, subfolder="unet", low_cpu_mem_usage=False)
+                           for p in (teacher, os.path.join(student, "pipeline")))
+    (trained,) = glob.glob(os.path.join(student, "student_*.safetensors"))
+    record = dict(cached(done), scores=student_row, ceiling=fit["scores"], teacher=goal, steps=S,
+                  curve={step: dict(precision=c["precision"], balance=min(c["balance"])) for step, c in curve.items()},
+                  change=direction_vs_norm(teacher_unet, final),
+                  params=sum(t.numel() for t in load_file(trained).values()))
+    json.dump(record, open(done, "w"))
     print(f"\nover training ({n} samples per prompt through the pipeline; diagnostics on 16 fixed noises per prompt; "
           f"t buckets {', '.join(f'[{lo},{hi})' for lo, hi in TOY_BUCKETS)}):")
-    print("| step | precision / coverage / adherence | distance: in span / off | moved since last | |VSD grad| "
-          "| cos(grad, error) | in span | off span | fake's eps MSE on student samples / teacher's on data |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| step | precision / coverage / adherence | balance by prompt | distance: in span / off | moved since last "
+          "| |VSD grad| | cos(grad, error) | in span | off span | fake's eps MSE on student samples / teacher's on data |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     per_bucket = lambda d, f: " ".join(f(d[lo]) for lo, _ in TOY_BUCKETS)
     for step, d in diag.items():
         c, moved = curve[step], "-" if d["move"] is None else f"{d['move']:.2f}"
         print(f"| {step} | {c['precision']:.2f} / {c['coverage']:.2f} / {c['adherence']:.2f} "
-              f"| {c['dist']:.2f}: {d['err_in']:.2f} / {d['err_off']:.2f} | {moved} "
+              f"| {' '.join(f'{b:.2f}' for b in c['balance'])} | {c['dist']:.2f}: {d['err_in']:.2f} / {d['err_off']:.2f} | {moved} "
               f"| {per_bucket(d, lambda b: format(b['g'], '.3f'))} | {per_bucket(d, lambda b: format(b['cos'], '.2f'))} "
               f"| {per_bucket(d, lambda b: format(b['cos_in'], '.2f'))} | {per_bucket(d, lambda b: format(b['cos_off'], '.2f'))} "
               f"| {per_bucket(d, lambda b: format(b['fake'], '.3f') + '/' + format(b['teacher'], '.3f'))} |")
-    plot = os.path.join(out, f"curve-{tag}.png")
+    plot = student + "-curve.png"
     steps = list(curve)
     line_plot(plot, [
         ("precision of the one-step student (share of samples within tau of a mode)", steps,
@@ -286,6 +368,36 @@ def bench_toy(args):
          {"student, 1 step": [v["dist"] for v in curve.values()],
           "its part off the modes' span": [v["off"] for v in curve.values()]},
          {"25-step teacher, CFG 1.5": goal["dist"], "precision threshold tau": toy_tau(modes)})])
+    print(f"plot: {plot}")
+
+
+def toy_table(out, match):
+    """The runs cached in `out` whose folder names contain one of `match` ('' for all), as one table, and their
+    precision over training in one plot: rebuilt from the records alone, no run and no sampling."""
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(out, "wadi-*.json"))):
+        with open(path) as f:
+            record = json.load(f)
+        name = os.path.basename(path)[len("wadi-"):-len(".json")]
+        if "scores" in record and (not match or any(m in name for m in match)):
+            runs[name] = record
+    if not runs:
+        sys.exit(f"bench.py toy: no scored runs in {out} match {match}")
+    goal = next(iter(runs.values()))["teacher"]
+    print(f"{out}: 25-step teacher (CFG 1.5) precision {goal['precision']:.2f}, balance {min(goal['balance']):.2f}")
+    print("| run | trainable | steps | minutes | precision | coverage | adherence | balance (min) | FD to data "
+          "| ceiling precision | / ceiling | NM % | DM % | DM/NM | top 30% of direction change | conv NM / DM % |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in runs.items():
+        s, c, lin, conv = r["scores"], r["ceiling"], r["change"]["Linear"], r["change"]["Conv2d"]
+        print(f"| {name} | {r['params'] / 1e3:.0f}k | {r['steps']} | {r['minutes']:.0f} | {s['precision']:.2f} "
+              f"| {s['coverage']:.2f} | {s['adherence']:.2f} | {min(s['balance']):.2f} | {s['fd']:.1f} "
+              f"| {c['precision']:.2f} | {ratio(s['precision'], c['precision']):.2f}x | {lin['nm']:.3f} "
+              f"| {lin['dm']:.3f} | {lin['ratio']:.1f} | {lin['top30']:.2f} | {conv['nm']:.3f} / {conv['dm']:.3f} |")
+    plot = os.path.join(out, "table-precision.png")
+    line_plot(plot, [("precision of the one-step student over training", None,
+                      {name: ([int(k) for k in r["curve"]], [v["precision"] for v in r["curve"].values()])
+                       for name, r in runs.items()}, {"25-step teacher, CFG 1.5": goal["precision"]})])
     print(f"plot: {plot}")
 
 
@@ -303,5 +415,9 @@ def main(argv=None):
     p.add_argument("--toy_detail", type=float, default=0.55, help="details: the detail's norm / the layout's (0.55: closest modes ~9.4 apart)")
     p.add_argument("--samples", type=int, default=256, help="per prompt (256: a mode's share to about +-0.03)")
     p.add_argument("--out", default="bench-out")
+    p.add_argument("--no_ceiling", dest="ceiling", action="store_false",
+                   help="skip the regression ceiling unless cached (it costs ~9 CPU-minutes per 1000 steps)")
+    p.add_argument("--table", nargs="*", help="no run: the table and plot of this toy's cached runs whose names "
+                   "contain one of these (none: all)")
     p.add_argument("wadi_args", nargs="*", help="more wadi.py flags, after --")
     bench_toy(p.parse_args(argv))
