@@ -164,7 +164,7 @@ def test_vsd_gradient_is_weighted_score_difference(tmp_path):
     with torch.no_grad():
         eps_real = wadi.guided_eps(run.teacher, x_t, t, cond, uncond, run.args.guidance_scale)
         eps_fake = wadi.guided_eps(run.fake, x_t, t, cond, uncond, run.args.guidance_scale)
-    loss = wadi.vsd_loss(x0, eps_real, eps_fake, run.abar[t])
+    loss = wadi.vsd_loss(x0, x_t, eps_real, eps_fake, run.abar[t])
     loss.backward()
     # independently: separate cond/uncond UNet calls, CFG by hand, the closed-form schedule
     a = abar_closed_form()[t].float().view(-1, 1, 1, 1)
@@ -369,6 +369,159 @@ def test_ten_nan_steps_stop_the_run(tmp_path, monkeypatch):
         assert all(torch.isfinite(v).all() for v in last.values())
     state = torch.load(out / "checkpoint-10" / "state.pt", weights_only=True)
     assert state["step"] == 10 and state["skipped"] == 8
+
+
+# -----------------------------------------------------------------------------
+# the remedies for VSD's drift between a prompt's modes (DMD, DMD2), each a flag, off by default
+
+
+def test_dmd_weighting_is_the_x0_space_difference(tmp_path):
+    """--vsd_weighting dmd: d loss / d x0 = (x0_fake - x0_real) / mean|x0 - x0_real| per sample / numel, with
+    x0_real and x0_fake the teacher's and the fake's predictions of x0 at x_t (DMD's distribution matching gradient),
+    against the paper's (1 - abar_t)(eps_real - eps_fake) / numel from the same scores."""
+    g = torch.Generator().manual_seed(0)
+    x0, noise, eps_real, eps_fake = (torch.randn(3, 4, 4, 4, generator=g, dtype=torch.float64) for _ in range(4))
+    x0.requires_grad_()
+    abar = abar_closed_form()
+    t = torch.tensor([30, 500, 970])
+    a = abar[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0.detach() + (1 - a).sqrt() * noise
+    x0_real, x0_fake = ((x_t - (1 - a).sqrt() * e) / a.sqrt() for e in (eps_real, eps_fake))
+    expected = (x0_fake - x0_real) / (x0.detach() - x0_real).abs().mean((1, 2, 3), keepdim=True) / x0.numel()
+    wadi.vsd_loss(x0, x_t, eps_real, eps_fake, abar[t], "dmd").backward()
+    torch.testing.assert_close(x0.grad, expected, rtol=1e-10, atol=0)
+    x0.grad = None
+    wadi.vsd_loss(x0, x_t, eps_real, eps_fake, abar[t]).backward()
+    torch.testing.assert_close(x0.grad, (1 - a) * (eps_real - eps_fake) / x0.numel(), rtol=1e-10, atol=0)
+
+
+def test_fake_guidance_scale_one_is_the_cond_score(tmp_path, monkeypatch):
+    """--fake_guidance_scale 1: the fake's score is its conditional one alone (one UNet call of batch b), the
+    teacher's still guided at --guidance_scale; by default the fake takes the teacher's scale (the authors')."""
+    run = make_run(tmp_path, "--student_rank", "4", "--fake_rank", "4", "--fake_guidance_scale", "1")
+    set_fake_angles(run)
+    g = torch.Generator().manual_seed(1)
+    x, t, cond = torch.randn(2, *run.latent_shape, generator=g), torch.tensor([100, 800]), wadi.encode(run, ["a", "b"])
+    with torch.no_grad():
+        torch.testing.assert_close(wadi.guided_eps(run.fake, x, t, cond, run.null_emb.expand_as(cond), 1.0),
+                                   run.fake(x, t, cond).sample, rtol=0, atol=0)
+    scales, guided_eps = [], wadi.guided_eps
+    monkeypatch.setattr(wadi, "guided_eps", lambda unet, *a: scales.append((unet, a[-1])) or guided_eps(unet, *a))
+    wadi.train_step(run, 0)
+    assert scales == [(run.teacher, 1.5), (run.fake, 1.0)]
+    assert wadi.parse_args(["--prompts", PROMPTS, "--guidance_scale", "3"]).fake_guidance_scale == 3
+
+
+def test_fresh_fake_samples_come_from_the_updated_student(tmp_path, monkeypatch):
+    """--fresh_fake_samples: fake update k learns on one_step(student after its update, z_fake[k]), new noise for
+    each (DMD2's rule); without it, every fake update takes the step's own x0, made before the student's update."""
+    seen, fake_loss = [], wadi.fake_loss
+    monkeypatch.setattr(wadi, "fake_loss", lambda fake, x0, *a, **k: seen.append(x0.clone()) or fake_loss(fake, x0, *a, **k))
+    for fresh in (True, False):
+        run = make_run(tmp_path / str(fresh), "--student_rank", "4", "--fake_rank", "4", "--fake_updates", "2",
+                       "--learning_rate", "1e-2", *(["--fresh_fake_samples"] if fresh else []))
+        set_fake_angles(run)  # the student moves at its first step
+        d = wadi.draw(run, 0)
+        cond = wadi.encode(run, [run.prompts[i] for i in d["prompt"].tolist()])
+        with torch.no_grad():
+            before = wadi.one_step(run.student, d["z"], cond, run.abar)
+        seen.clear()
+        wadi.train_step(run, 0)
+        with torch.no_grad():
+            after = [wadi.one_step(run.student, z, cond, run.abar) for z in d["z_fake"]]
+        if fresh:
+            assert d["z_fake"].shape == (2, 2, *run.latent_shape) and not torch.equal(d["z_fake"][0], d["z_fake"][1])
+            for x0, expected in zip(seen, after):
+                torch.testing.assert_close(x0, expected, rtol=1e-5, atol=1e-6)
+            assert (after[0] - wadi.one_step(run.student, d["z_fake"][0], cond, run.abar)).abs().max() == 0
+        else:
+            assert d["z_fake"].numel() == 0
+            for x0 in seen:
+                torch.testing.assert_close(x0, before, rtol=1e-5, atol=1e-6)
+
+
+def save_pairs(path, n, shape, prompts, seed=0, **override):
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(seed)
+    tensors = dict(z=torch.randn(n, *shape, generator=g), x0=torch.randn(n, *shape, generator=g))
+    tensors.update(override)
+    save_file(tensors, str(path), {"prompts": json.dumps(prompts)})
+
+
+def test_regression_loss_is_lambda_times_mse_to_the_pairs(tmp_path, monkeypatch):
+    """--regression_pairs FILE: the student's loss adds --regression_weight x MSE(one_step(student, z_i, its prompt),
+    x0_i) over pairs i drawn per step. At step 1 the VSD loss is exactly 0 (the fake equals the teacher), so the loss
+    the student steps on is that term alone, recomputed here from the file."""
+    pairs = tmp_path / "pairs.safetensors"
+    prompts = ["a red fox", "a blue car", "a green tree", "a yellow moon", "a cat"]
+    save_pairs(pairs, 5, (4, 4, 4), prompts)
+    run = make_run(tmp_path, "--student_rank", "4", "--fake_rank", "4", "--regression_pairs", str(pairs),
+                   "--regression_weight", "0.3")
+    losses, update = [], wadi.update
+    monkeypatch.setattr(wadi, "update", lambda loss, *a: losses.append(loss.item()) or update(loss, *a))
+    d = wadi.draw(run, 0)
+    with torch.no_grad():
+        z, x0 = load_file(pairs)["z"][d["pair"]], load_file(pairs)["x0"][d["pair"]]
+        mine = wadi.one_step(run.student, z, wadi.encode(run, [prompts[i] for i in d["pair"].tolist()]), run.abar)
+    logs = wadi.train_step(run, 0)
+    assert logs["loss_vsd"] == 0 and d["pair"].max() < 5
+    assert losses[0] == pytest.approx(0.3 * torch.nn.functional.mse_loss(mine, x0).item(), rel=1e-5)
+    assert logs["grad_norm_student"] > 0  # the regression alone moves the student at step 1
+
+
+# -----------------------------------------------------------------------------
+# every adapter and the remedies through the whole run: resume is bitwise, the export reproduces the trainer
+
+
+def run_main(out, *flags, steps=2):
+    wadi.main(["--pretrained_model_name_or_path", "tiny", "--prompts", PROMPTS, "--output_dir", str(out),
+               "--train_batch_size", "2", "--resolution", "32", "--max_train_steps", str(steps),
+               "--checkpointing_steps", "1", "--validation_steps", "1000", "--validation_prompts", "a red fox",
+               "--learning_rate", "1e-2", *flags])
+
+
+def pairs_from_docs(tmp_path, tiny):
+    """The pairs maker of docs/remedies.md, run as written on the tiny model at 32 px (4 prompts)."""
+    (code,) = [b for b in readme_blocks("python", "docs/remedies.md") if "save_file" in b]
+    line = next(line for line in code.splitlines() if line.startswith("model, prompts_file, n, resolution, out = "))
+    out = tmp_path / "pairs.safetensors"
+    exec(code.replace(line, f"model, prompts_file, n, resolution, out = {tiny!r}, {PROMPTS!r}, 4, 32, {str(out)!r}"), {})
+    return out
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "full", "remedies"])
+def test_variant_resumes_bitwise_and_exports(variant, tmp_path, tiny):
+    """A 2-step run against 1 step then resumed to 2, with an EMA: every checkpoint file equal bitwise. The export
+    loads in stock diffusers and its one-step sample equals the trainer's own generator (the EMA, from the
+    checkpoint, through wadi.one_step), which differs from the teacher's. 'remedies': LoRaD with all four remedies
+    on at once (fresh fake samples, no CFG on the fake, DMD's weighting, DMD's regression onto the docs' pairs)."""
+    from diffusers import StableDiffusionPipeline
+    flags = ["--student_rank", "4", "--fake_rank", "4", "--ema_decay", "0.5"]
+    flags += (["--fresh_fake_samples", "--fake_updates", "2", "--fake_guidance_scale", "1", "--vsd_weighting", "dmd",
+               "--regression_pairs", str(pairs_from_docs(tmp_path, tiny))] if variant == "remedies" else ["--adapter", variant])
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_main(full, *flags)
+    run_main(resumed, *flags, steps=1)
+    run_main(resumed, *flags, "--resume_from_checkpoint", "latest")
+    adapter = "lorad" if variant == "remedies" else variant
+    files = sorted(os.listdir(full / "checkpoint-2"))
+    assert files == sorted(["state.pt", "fake_lorad.safetensors", f"student_{adapter}.safetensors",
+                            f"ema_{adapter}.safetensors"]) == sorted(os.listdir(resumed / "checkpoint-2"))
+    for f in [f for f in files if f.endswith(".safetensors")]:
+        assert tensors_equal(load_file(full / "checkpoint-2" / f), load_file(resumed / "checkpoint-2" / f)), f
+    run = make_run(tmp_path / "check", *flags, "--resume_from_checkpoint", str(full / "checkpoint-2"))
+    wadi.load_checkpoint(run, run.resume)
+    pipe = StableDiffusionPipeline.from_pretrained(full / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    assert not any("lora" in k or "theta" in k for k in pipe.unet.state_dict())  # a stock UNet
+    z, emb = torch.randn(1, *run.latent_shape, generator=torch.Generator().manual_seed(3)), wadi.encode(run, ["a red fox"])
+    with torch.no_grad():
+        ours, teacher = (wadi.one_step(m, z, emb, run.abar) for m in (run.ema, run.teacher))
+        theirs = pipe(prompt_embeds=emb, latents=z, height=32, width=32, num_inference_steps=1, guidance_scale=0,
+                      output_type="latent").images
+    tol = 1e-5 * ours.abs().max().item()
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=tol)
+    assert (ours - teacher).abs().max() > 100 * tol
 
 
 # -----------------------------------------------------------------------------
@@ -683,9 +836,23 @@ def bad_input(case, tmp, tiny):
                    "guidance_scale_nan": ("--guidance_scale", "nan"),
                    "guidance_scale_negative": ("--guidance_scale", "-1"),
                    "ema_decay_nan": ("--ema_decay", "nan"), "seed_beyond_64_bits": ("--seed", str(2**64)),
+                   "fake_guidance_scale_nan": ("--fake_guidance_scale", "nan"),
+                   "regression_weight_negative": ("--regression_weight", "-1"), "adapter_unknown": ("--adapter", "qlora"),
+                   "regression_pairs_missing": ("--regression_pairs", str(tmp / "no-pairs.safetensors")),
                    }.get(case, (None, None))
     if flag:
         return args + [flag, value], out
+    if case.startswith("regression_pairs_"):  # a file that is not the pairs of this run (64 px: 8x8 latents)
+        path, prompts = tmp / "pairs.safetensors", ["a", "b"]
+        if case == "regression_pairs_not_safetensors":
+            path.write_text("z, x0\n")
+        elif case == "regression_pairs_wrong_shape":
+            save_pairs(path, 2, (4, 4, 4), prompts)
+        elif case == "regression_pairs_nan":
+            save_pairs(path, 2, (4, 8, 8), prompts, x0=torch.full((2, 4, 8, 8), math.nan))
+        elif case == "regression_pairs_fewer_prompts":
+            save_pairs(path, 2, (4, 8, 8), prompts[:1])
+        return args + ["--regression_pairs", str(path)], out
     if case == "output_dir_has_checkpoints":
         (out / "checkpoint-2").mkdir(parents=True)
         (out / "checkpoint-2" / "state.pt").write_bytes(b"another run")
@@ -698,7 +865,9 @@ BAD_INPUTS = ["missing_prompts", "empty_prompts", "non_utf8_prompts", "model_pat
               "v_prediction", "resolution_not_multiple_of_8", "student_rank_0", "fake_rank_negative", "resume_missing",
               "output_dir_has_checkpoints", "output_dir_is_a_file", "output_dir_below_a_file", "learning_rate_negative",
               "learning_rate_inf", "fake_learning_rate_negative", "guidance_scale_nan", "guidance_scale_negative",
-              "ema_decay_nan", "seed_beyond_64_bits"]
+              "ema_decay_nan", "seed_beyond_64_bits", "fake_guidance_scale_nan", "regression_weight_negative",
+              "adapter_unknown", "regression_pairs_missing", "regression_pairs_not_safetensors",
+              "regression_pairs_wrong_shape", "regression_pairs_nan", "regression_pairs_fewer_prompts"]
 
 
 def assert_one_error_line(code, err):
@@ -721,15 +890,25 @@ def test_bad_input_in_process(case, tmp_path, tiny, monkeypatch, capsys):
     assert snapshot(out) == before
 
 
-def test_rank_above_min_out_in_half_is_reported(tmp_path):
-    """theta (out x in/2) has rank at most min(out, in/2): a larger rank is trained as asked (the paper's own recipe has
-    such layers) and reported in one line. The tiny UNet's 48 student layers reach min(out, in/2) >= 64 only in its
-    six 64-channel layers fed by 128 or 256 features (time_emb_proj, the mid block's ff.net.2)."""
-    run = make_run(tmp_path, "--student_rank", "64", "--fake_rank", "4")
-    assert sum(p.numel() for p in run.student_params) == 297_984
-    assert run.rank_note == ("a rank above a layer's min(out, in/2) adds angles, not expressivity: --student_rank 64 "
-                             "in 42 of 48 layers")
-    assert make_run(tmp_path, "--student_rank", "16", "--fake_rank", "4").rank_note is None  # 16 = the smallest
+def test_trainable_tensors_per_adapter(tmp_path):
+    """What each --adapter trains, counted in closed form over the student's 48 Linear layers (out x in each):
+    LoRaD r (out + in/2), LoRA r (in + out), DoRA that plus out (its magnitudes), full: every UNet parameter. The
+    base is shared with the teacher but for full fine-tuning, which trains a copy of its own in fp32."""
+    run = make_run(tmp_path, "--student_rank", "4", "--fake_rank", "4")
+    linears = [m for n, m in run.teacher.named_modules() if type(m) is torch.nn.Linear
+               and any(s in n for s in wadi.STUDENT_LAYERS["include"])]
+    assert len(linears) == 48
+    expected = dict(lorad=sum(4 * (m.out_features + m.in_features // 2) for m in linears),
+                    lora=sum(4 * (m.in_features + m.out_features) for m in linears),
+                    dora=sum(4 * (m.in_features + m.out_features) + m.out_features for m in linears),
+                    full=sum(p.numel() for p in run.teacher.parameters()))
+    for adapter, n in expected.items():
+        student = wadi.share_base(run.teacher, 4, wadi.STUDENT_LAYERS, adapter)
+        own = wadi.own_tensors(student, run.teacher)
+        assert sum(t.numel() for t in own.values()) == n, adapter
+        assert sum(p.numel() for p in student.parameters() if p.requires_grad) == n, adapter  # and they alone train
+        shared = {p.data_ptr() for p in run.teacher.parameters()} & {p.data_ptr() for p in student.parameters()}
+        assert bool(shared) == (adapter != "full"), adapter
 
 
 @pytest.mark.parametrize("case", ["missing_prompts", "v_prediction"])

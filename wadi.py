@@ -45,8 +45,9 @@ T_VSD = (20, 980)  # eq. 11's timesteps, inclusive: the ends of the schedule car
 P_EMPTY = 0.1  # share of the fake model's prompts replaced by the empty one, so that its CFG has an uncond branch
 CLIP_NORM = 1.0  # gradient norm clipping of both adapters
 MAX_BAD_STEPS = 10  # non-finite steps in a row that stop a run (each one is skipped)
-VALIDATION_PROMPTS = ["A dog is reading a thick book.", "a shiba inu wearing a beret.", "Cute small Corgi sitting in a "
-                      "movie theater eating popcorn", "A hyperrealistic photo of a fox astronaut, perfect face, artstation"]
+VALIDATION_PROMPTS = ["A dog is reading a thick book.", "a shiba inu wearing a beret.",
+                      "Cute small Corgi sitting in a movie theater eating popcorn",
+                      "A hyperrealistic photo of a fox astronaut, perfect face, artstation"]
 
 
 class UserError(Exception):
@@ -218,8 +219,7 @@ def read_pairs(path, latent_shape):
     except Exception as e:  # not found, not safetensors, no z, x0 or prompts
         raise UserError(f"cannot read --regression_pairs {path}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
     if not (z.shape == x0.shape and z.shape[1:] == latent_shape and len(prompts) == len(z) and x0.isfinite().all()):
-        raise UserError(f"--regression_pairs {path}: z {tuple(z.shape)} and x0 {tuple(x0.shape)} must be {len(prompts)} "
-                        f"finite latents of shape {latent_shape}, one per prompt")
+        raise UserError(f"--regression_pairs {path}: z and x0 must be finite latents {latent_shape}, one per prompt")
     return dict(z=z, x0=x0, prompts=prompts)
 
 
@@ -239,29 +239,25 @@ def read_prompts(path):
 
 
 def load_pipeline_parts(path, device, dtype):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
     if os.path.exists(path) and not os.path.isfile(os.path.join(path, "unet", "config.json")):
         raise UserError(f"{path} is not a diffusers Stable Diffusion folder (no unet/config.json)")
     try:  # the scheduler first: an unknown hub id fails on its one small file
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")  # only for its alphas_cumprod
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=False)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=False)
+        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None, low_cpu_mem_usage=False)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model '{path}': {str(e).strip().splitlines()[0]}")
     if scheduler.config.prediction_type != "epsilon":
         raise UserError(f"'{path}' predicts {scheduler.config.prediction_type!r}; WaDi needs an epsilon-prediction UNet")
-    for m in (text_encoder, vae, unet):
+    for m in (pipe.text_encoder, pipe.vae, pipe.unet):
         m.requires_grad_(False).eval().to(device)
-    return tokenizer, text_encoder, vae, unet, scheduler
+    return pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, scheduler
 
 
 def share_base(unet, rank, layers, adapter="lorad"):
     """A copy of `unet` with an adapter on `layers`, sharing every base weight with `unet` (deepcopy with the tensors
-    pre-memoized): LoRaD, or LoRA or DoRA on the same Linear layers by diffusers' peft integration (lora_alpha = rank:
-    scale 1). 'full': a copy of its own in fp32, every weight trained (DMD2's student)."""
+    pre-memoized): LoRaD, or LoRA or DoRA by diffusers' peft integration (lora_alpha = rank: scale 1). 'full': a copy
+    of its own in fp32, every weight trained (DMD2's student)."""
     if adapter == "full":
         return copy.deepcopy(unet).float().requires_grad_(True)
     model = copy.deepcopy(unet, {id(t): t for t in [*unet.parameters(), *unet.buffers()]})
@@ -286,8 +282,7 @@ def load_own(model, base, state):
     own = own_tensors(model, base)
     if own.keys() != state.keys() or any(own[k].shape != v.shape for k, v in state.items()):
         raise ValueError(f"{len(state)} tensors do not match the model's {len(own)} (another --adapter or rank?)")
-    for k, t in own.items():
-        t.copy_(state[k])
+    torch._foreach_copy_(list(own.values()), [state[k] for k in own])
 
 
 def check_output_dir(path):
@@ -361,7 +356,7 @@ def setup(args, parts=None):
     run.scaler_s, run.scaler_f = (torch.amp.GradScaler(run.device.type, enabled=mp == "fp16") for _ in range(2))
     # text: the empty prompt (for CFG and the fake model's dropout) and the validation prompts, encoded once
     run.null_emb, run.val_emb = encode(run, [""]), encode(run, args.validation_prompts)
-    run.pairs = read_pairs(args.regression_pairs, run.latent_shape) if args.regression_weight else None
+    run.pairs = read_pairs(args.regression_pairs, run.latent_shape) if args.regression_pairs else None
     # validation noise: latent i is what diffusers draws for pipe(..., generator=torch.Generator().manual_seed(i))
     run.val_z = torch.cat([torch.randn(1, *run.latent_shape, generator=torch.Generator().manual_seed(i))
                            for i in range(len(run.val_emb))]).to(run.device)
@@ -482,7 +477,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = ArgumentParser(description="WaDi: one-step distillation of Stable Diffusion by VSD with LoRaD")
-    # model and data
     p.add_argument("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                    help="hub id or local diffusers folder; 'tiny' builds a tiny SD-shaped model offline")
     p.add_argument("--prompts", required=True, help="text file, one training prompt per line")
@@ -492,29 +486,25 @@ def parse_args(argv=None):
     p.add_argument("--train_batch_size", type=int, default=16, help="per process")
     p.add_argument("--max_train_steps", type=int, default=None, help="default: 2 epochs of the prompt file")
     p.add_argument("--learning_rate", type=float, default=1e-4, help="student")
-    p.add_argument("--lr_schedule", choices=["constant", "linear"], default="constant",
-                   help="student lr: constant (paper) or linear to 0 at the last step (docs/toy.md)")
+    p.add_argument("--lr_schedule", choices=["constant", "linear"], default="constant", help="student's; linear: to 0")
     p.add_argument("--fake_learning_rate", type=float, default=1e-2)
     p.add_argument("--adapter", choices=["lorad", "lora", "dora", "full"], default="lorad", help="the student's")
     p.add_argument("--student_rank", type=int, default=256)
     p.add_argument("--fake_rank", type=int, default=32)
     p.add_argument("--guidance_scale", type=float, default=1.5, help="CFG on both teacher and fake score")
     p.add_argument("--fake_updates", type=int, default=1, help="fake-model steps per generator step (DMD2: 5)")
-    p.add_argument("--fake_weighting", choices=["abar", "none"], default="abar",
-                   help="eq. 12's weight: abar_t as the authors' code; none as the paper prints it (docs/toy.md)")
+    p.add_argument("--fake_weighting", choices=["abar", "none"], default="abar", help="eq. 12's weight (fake_loss)")
     p.add_argument("--ema_decay", type=float, default=0.0, help="EMA of the student's trained tensors; 0 = off")
     # remedies for VSD's drift between a prompt's modes, from DMD and DMD2; all off: the defaults are the paper's
     p.add_argument("--fresh_fake_samples", action="store_true", help="each fake update on new student samples (DMD2)")
-    p.add_argument("--fake_guidance_scale", type=float, default=None,
-                   help="CFG on the fake score; default: --guidance_scale (the authors'); 1: none (DMD, DMD2)")
+    p.add_argument("--fake_guidance_scale", type=float, help="default: --guidance_scale (authors'); 1: none (DMD2)")
     p.add_argument("--vsd_weighting", choices=["paper", "dmd"], default="paper", help="eq. 11's w(t) (vsd_loss)")
-    p.add_argument("--regression_weight", type=float, default=0.0, help="DMD's regression loss (DMD: 0.25); 0 = off")
-    p.add_argument("--regression_pairs", help="its pairs: a safetensors file (docs/remedies.md)")
+    p.add_argument("--regression_pairs", help="DMD's regression loss onto these pairs, a file (docs/remedies.md)")
+    p.add_argument("--regression_weight", type=float, default=0.25, help="its weight (DMD's)")
     # numerics and memory
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: bf16 on CUDA, no on CPU")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the three UNets (docs/benchmarks.md)")
-    # checkpoints, validation
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, default=None)
     p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
@@ -528,15 +518,12 @@ def parse_args(argv=None):
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UserError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
-    if args.fake_guidance_scale is None:
-        args.fake_guidance_scale = args.guidance_scale
+    args.fake_guidance_scale = args.guidance_scale if args.fake_guidance_scale is None else args.fake_guidance_scale
     for name in ("learning_rate", "fake_learning_rate", "guidance_scale", "fake_guidance_scale", "regression_weight"):
         if not 0 <= getattr(args, name) < math.inf:  # argparse's float() takes nan and inf
             raise UserError(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
     if not 0 <= args.ema_decay < 1:
         raise UserError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
-    if args.regression_weight and not args.regression_pairs:
-        raise UserError("--regression_weight needs --regression_pairs, a file of the teacher's samples")
     if not -2**63 <= args.seed < 2**64:  # what torch.manual_seed takes
         raise UserError(f"--seed must fit in 64 bits, got {args.seed}")
     return args
@@ -554,7 +541,7 @@ def main(argv=None):
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
         log_path = os.path.join(out, "log.jsonl")  # steps after the checkpoint we resume from are redone: drop their lines
         kept = [line for line in open(log_path) if json.loads(line)["step"] <= start] if os.path.exists(log_path) else []
-        log = open(log_path, "w")
+        log = open(log_path, "w", buffering=1)  # line-buffered: each step's line is on disk as it is written
         log.writelines(kept)
         n_s, n_f = sum(p.numel() for p in run.student_params), sum(p.numel() for p in run.fake_params)
         print(f"wadi: {run.model_path} | {len(run.prompts)} prompts | student {n_s / 1e6:.2f}M, fake {n_f / 1e6:.2f}M "
@@ -581,7 +568,6 @@ def main(argv=None):
                        f"{args.fake_learning_rate:g} | {dt:.2f} s/step | {logs['img_per_sec']:.1f} img/s | "
                        f"mem {logs['peak_mem_gb']:.2f} GB | skipped {run.skipped}")
             log.write(json.dumps({k: v if math.isfinite(v) else None for k, v in logs.items()}) + "\n")  # NaN -> null
-            log.flush()
             if (step + 1) % args.checkpointing_steps == 0:
                 save_checkpoint(run, step + 1)
             if (step + 1) % args.validation_steps == 0:
@@ -590,8 +576,7 @@ def main(argv=None):
         samples = validate(run, run.max_steps)
         pipeline, err = export(run)
         print(f"wadi: done | samples {samples} | adapter {os.path.join(out, f'student_{args.adapter}.safetensors')} | "
-              f"pipeline {pipeline} (one-step output vs trainer: {err:.1e} relative) | "
-              f"peak memory {peak_memory_gb():.2f} GB")
+              f"pipeline {pipeline} (one-step output vs trainer: {err:.1e} relative) | peak memory {peak_memory_gb():.2f} GB")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

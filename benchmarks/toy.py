@@ -258,7 +258,7 @@ def bench_toy(args):
         f.write("\n".join(TOY_PROMPTS) + "\n")
     S = args.steps
     flags = [*TOY_RECIPE, *args.wadi_args]
-    if "--regression_weight" in flags and "--regression_pairs" not in flags:  # DMD's pairs, from their own noise
+    if "--regression_weight" in flags and "--regression_pairs" not in flags:  # DMD's pairs, from noise of their own
         pairs = os.path.join(out, "regression-pairs-1024.safetensors")
         if not os.path.exists(pairs):
             make_pairs(teacher, [p for p in TOY_PROMPTS for _ in range(256)], toy_noise(256, 3000).flatten(0, 1), pairs)
