@@ -117,17 +117,18 @@ def test_draw_slices_one_global_batch():
     """N ranks x batch b draw exactly what one process draws with batch N*b, ranks get distinct noise, and every
     epoch visits each prompt once."""
     def fake_run(world, rank, b):
-        args = argparse.Namespace(seed=3, train_batch_size=b, fake_updates=2)
-        return argparse.Namespace(args=args, world=world, rank=rank, latent_shape=(4, 2, 2),
+        args = argparse.Namespace(seed=3, train_batch_size=b, fake_updates=2, fresh_fake_samples=True)
+        return argparse.Namespace(args=args, world=world, rank=rank, latent_shape=(4, 2, 2), pairs=dict(z=range(5)),
                                   prompts=[f"p{i}" for i in range(7)], device=torch.device("cpu"))
     for step in range(5):  # global batch 4 over 7 prompts: steps straddle epoch boundaries
         one = wadi.draw(fake_run(1, 0, 4), step)
         ranks = [wadi.draw(fake_run(2, r, 2), step) for r in range(2)]
         for key, v in one.items():
-            dim = 1 if key in ("t_fake", "noise_fake", "drop") else 0
+            dim = 1 if key in ("t_fake", "noise_fake", "drop", "z_fake") else 0
             assert torch.equal(torch.cat([r[key] for r in ranks], dim), v), key
         assert not torch.equal(ranks[0]["z"], ranks[1]["z"])
         assert ranks[0]["t"].min() >= 20 and ranks[0]["t"].max() <= 980
+        assert one["z_fake"].shape == (2, 4, 4, 2, 2) and 0 <= one["pair"].min() and one["pair"].max() < 5
     seen = torch.cat([wadi.draw(fake_run(1, 0, 7), s)["prompt"] for s in range(3)])  # 3 epochs of 7
     for e in range(3):
         assert sorted(seen[7 * e:7 * (e + 1)].tolist()) == list(range(7))
