@@ -371,6 +371,10 @@ def bench_toy(args):
     print(f"plot: {plot}")
 
 
+def ratio_text(change):  # DM / NM; LoRaD keeps each row's norm, up to fp32 rounding
+    return f"{change['ratio']:.1f}" if change["nm"] > 1e-4 else "norms kept"
+
+
 def toy_table(out, match):
     """The runs cached in `out` whose folder names contain one of `match` ('' for all), as one table, and their
     precision over training in one plot: rebuilt from the records alone, no run and no sampling."""
@@ -393,7 +397,7 @@ def toy_table(out, match):
         print(f"| {name} | {r['params'] / 1e3:.0f}k | {r['steps']} | {r['minutes']:.0f} | {s['precision']:.2f} "
               f"| {s['coverage']:.2f} | {s['adherence']:.2f} | {min(s['balance']):.2f} | {s['fd']:.1f} "
               f"| {c['precision']:.2f} | {ratio(s['precision'], c['precision']):.2f}x | {lin['nm']:.3f} "
-              f"| {lin['dm']:.3f} | {lin['ratio']:.1f} | {lin['top30']:.2f} | {conv['nm']:.3f} / {conv['dm']:.3f} |")
+              f"| {lin['dm']:.3f} | {ratio_text(lin)} | {lin['top30']:.2f} | {conv['nm']:.3f} / {conv['dm']:.3f} |")
     plot = os.path.join(out, "table-precision.png")
     line_plot(plot, [("precision of the one-step student over training", None,
                       {name: ([int(k) for k in r["curve"]], [v["precision"] for v in r["curve"].values()])
