@@ -1326,14 +1326,15 @@ def test_direction_vs_norm_closed_form():
     assert change["Linear"]["nm"] == pytest.approx(0, abs=1e-4)  # fp32 weights: cos^2 + sin^2 = 1 to ~1e-7
     assert change["Linear"]["dm"] == pytest.approx(100 * (1 - math.cos(a)), rel=1e-5)
     assert change["Linear"]["top30"] == pytest.approx(1, rel=1e-6) and change["Linear"]["layers"] == 1
+    assert change["Linear"]["angle"] == pytest.approx(100 * a, rel=1e-4)  # first order in the turn, as NM is in a stretch
     assert change["Conv2d"]["nm"] == pytest.approx(100, rel=1e-6) and change["Conv2d"]["dm"] == pytest.approx(0, abs=1e-6)
 
 
 def test_toy_table_rebuilds_from_the_records(tmp_path, capsys):
     """bench.py toy --table: one row per cached, scored run, read from its record alone, and one plot."""
     scores = lambda p: dict(precision=p, coverage=1.0, adherence=1.0, fd=2.5, balance=[0.5, 0.8])
-    change = dict(Linear=dict(layers=3, nm=0.1, dm=2.0, ratio=20.0, top30=0.9),
-                  Conv2d=dict(layers=2, nm=0.0, dm=0.0, ratio=math.nan, top30=math.nan))
+    change = dict(Linear=dict(layers=3, nm=0.1, dm=2.0, ratio=20.0, angle=20.0, top30=0.9),
+                  Conv2d=dict(layers=2, nm=0.0, dm=0.0, ratio=math.nan, angle=0.0, top30=math.nan))
     for name, p in (("exact-attention-1000", 0.19), ("exact-attention-1000-adapterlora", 0.12)):
         record = dict(cmd=[], minutes=20.0, scores=scores(p), ceiling=scores(0.25), teacher=scores(1.0), steps=1000,
                       curve={"0": dict(precision=0.0, balance=0.0), "1000": dict(precision=p, balance=0.5)},
