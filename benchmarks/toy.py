@@ -11,6 +11,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -379,15 +380,15 @@ def ratio_text(change, what):  # DM or angle over NM; LoRaD keeps each row's nor
 
 
 def toy_table(out, match):
-    """The runs cached in `out` whose folder names contain one of `match` ('' for all), as one table, and their
-    precision over training in one plot: rebuilt from the records alone, no run and no sampling."""
+    """The runs cached in `out` whose names (their folders' less 'wadi-') match one of the regular expressions `match`
+    (none: all), as one table, and their precision over training in one plot: from the records, no run, no sampling."""
     from diffusers import UNet2DConditionModel
     runs = {}
     for path in sorted(glob.glob(os.path.join(out, "wadi-*.json"))):
         with open(path) as f:
             record = json.load(f)
         name = os.path.basename(path)[len("wadi-"):-len(".json")]
-        if "scores" in record and (not match or any(m in name for m in match)):
+        if "scores" in record and (not match or any(re.fullmatch(m, name) for m in match)):
             runs[name] = record
             if "angle" not in record["change"]["Linear"]:  # a record from before the angle was measured: add it
                 teacher, student = (UNet2DConditionModel.from_pretrained(p, subfolder="unet", low_cpu_mem_usage=False) for p in
@@ -434,6 +435,6 @@ def main(argv=None):
     p.add_argument("--no_ceiling", dest="ceiling", action="store_false",
                    help="skip the regression ceiling unless cached (it costs ~9 CPU-minutes per 1000 steps)")
     p.add_argument("--table", nargs="*", help="no run: the table and plot of this toy's cached runs whose names "
-                   "contain one of these (none: all)")
+                   "match one of these regular expressions (none: all)")
     p.add_argument("wadi_args", nargs="*", help="more wadi.py flags, after --")
     bench_toy(p.parse_args(argv))
