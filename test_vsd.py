@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import tiny as tiny_sd
 from tiny import tiny_pipeline
 import wadi
-from benchmarks import plan, sd, toy, toy_problem
+from benchmarks import plan, sd, toy, toy_problem, toy_table
 from benchmarks import step as step_bench
 from lorad import LoRaDLinear, add_lorad, load_lorad, lorad_state_dict
 
@@ -1322,7 +1322,7 @@ def test_direction_vs_norm_closed_form():
         teacher[0].weight.copy_(torch.tensor([1.0, 0, 0, 0]).expand(6, 4))
         student[0].weight.copy_(torch.tensor([math.cos(a), math.sin(a), 0, 0]).expand(6, 4))
         student[1].weight.mul_(2)
-    change = toy.direction_vs_norm(teacher, student)
+    change = toy_table.direction_vs_norm(teacher, student)
     assert change["Linear"]["nm"] == pytest.approx(0, abs=1e-4)  # fp32 weights: cos^2 + sin^2 = 1 to ~1e-7
     assert change["Linear"]["dm"] == pytest.approx(100 * (1 - math.cos(a)), rel=1e-5)
     assert change["Linear"]["top30"] == pytest.approx(1, rel=1e-6) and change["Linear"]["layers"] == 1
@@ -1341,10 +1341,10 @@ def test_toy_table_rebuilds_from_the_records(tmp_path, capsys):
                       change=change, params=74000)
         (tmp_path / f"wadi-{name}.json").write_text(json.dumps(record))
     (tmp_path / "wadi-unscored.json").write_text(json.dumps(dict(cmd=[], minutes=1.0)))  # a run not scored yet
-    toy.toy_table(str(tmp_path), [])
+    toy_table.toy_table(str(tmp_path), [])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| exact")]
     assert [r.split(" | ")[4] for r in rows] == ["0.12", "0.19"] and [r.split(" | ")[10] for r in rows] == ["0.48x", "0.76x"]
-    toy.toy_table(str(tmp_path), [".*-adapterlora"])
+    toy_table.toy_table(str(tmp_path), [".*-adapterlora"])
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| exact")] == rows[:1]
     assert (tmp_path / "table-precision.png").stat().st_size > 0
 

@@ -11,7 +11,6 @@ import glob
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import lorad
 import wadi
 from tiny import build_tiny_pipeline
 from benchmarks.plot import line_plot
+from benchmarks.toy_table import direction_vs_norm, ratio, toy_table
 from benchmarks.toy_problem import (TOY_NOISE, TOY_PROMPTS, toy_data, toy_exact_eps, toy_modes, toy_noise, toy_samples,
                                      toy_scores, toy_tau)
 
@@ -128,31 +128,6 @@ def student_from(teacher, ckpt):
     return student.eval()
 
 
-@torch.no_grad()
-def direction_vs_norm(teacher, student):
-    """The paper's Fig. 1 and Table 2 columns on the student: per layer (Linear, and conv for full fine-tuning), the
-    norm change NM and direction change DM of lorad.weight_change (x100, as the paper prints them), their ratio, and
-    the share of the direction residual's energy (squared singular values of the row-normalised W1 minus W0) that its
-    top 30% singular values hold, the paper's "30% of the rank recovers 93%". DM = 1 - cos is second order in a
-    small change (~angle^2 / 2) while NM is first order, so a small step reads as a norm change: the row's angle
-    (arccos, in percent of a radian) is the first-order measure of direction beside NM."""
-    mine = dict(student.named_modules())
-    out = {}
-    for kind in (torch.nn.Linear, torch.nn.Conv2d):
-        rows = []
-        for name, m in teacher.named_modules():
-            if type(m) is kind:
-                w0, w1 = m.weight.double().flatten(1), mine[name].weight.double().flatten(1)
-                nm, dm = lorad.weight_change(w0, w1)
-                angle = torch.arccos(F.cosine_similarity(w0, w1, dim=1).clamp(-1, 1)).mean().item()
-                s = torch.linalg.svdvals(F.normalize(w1, dim=1) - F.normalize(w0, dim=1)).square()
-                top = s[:max(1, round(0.3 * len(s)))].sum() / s.sum() if s.sum() > 0 else torch.tensor(math.nan)  # unchanged
-                rows.append((100 * nm, 100 * dm, 100 * angle, top.item()))
-        nm, dm, angle, top = (sum(v) / len(v) for v in ([x for x in v if math.isfinite(x)] or [math.nan] for v in zip(*rows)))
-        out[kind.__name__] = dict(layers=len(rows), nm=nm, dm=dm, ratio=dm / nm if nm else math.inf, angle=angle, top30=top)
-    return out
-
-
 def toy_ceiling(pipe, wadi_argv, n=384):
     """The regression ceiling, the easiest one-step target there is: wadi.py's own student (wadi.setup on the distillation's command line: the
     same adapter, rank, initial angles, AdamW, clipping, batch and steps) fitted straight onto the teacher's 25-step
@@ -177,10 +152,6 @@ def toy_ceiling(pipe, wadi_argv, n=384):
         wadi.update(loss, run.student_params, run.opt_s, run.scaler_s, run.world)
     with torch.no_grad():
         return run.student.eval(), before, fit(slice(None)).item()
-
-
-def ratio(a, b):
-    return a / b if b else math.nan
 
 
 TOY_BUCKETS = [(20, 200), (200, 500), (500, 800), (800, 981)]
@@ -372,49 +343,6 @@ def bench_toy(args):
          {"student, 1 step": [v["dist"] for v in curve.values()],
           "its part off the modes' span": [v["off"] for v in curve.values()]},
          {"25-step teacher, CFG 1.5": goal["dist"], "precision threshold tau": toy_tau(modes)})])
-    print(f"plot: {plot}")
-
-
-def ratio_text(change, what):  # DM or angle over NM; LoRaD keeps each row's norm, up to fp32 rounding
-    return f"{change[what] / change['nm']:.1f}" if change["nm"] > 1e-4 else "norms kept"
-
-
-def toy_table(out, match):
-    """The runs cached in `out` whose names (their folders' less 'wadi-') match one of the regular expressions `match`
-    (none: all), as one table, and their precision over training in one plot: from the records, no run, no sampling."""
-    from diffusers import UNet2DConditionModel
-    runs = {}
-    for path in sorted(glob.glob(os.path.join(out, "wadi-*.json"))):
-        with open(path) as f:
-            record = json.load(f)
-        name = os.path.basename(path)[len("wadi-"):-len(".json")]
-        if "scores" in record and (not match or any(re.fullmatch(m, name) for m in match)):
-            runs[name] = record
-            if "angle" not in record["change"]["Linear"]:  # a record from before the angle was measured: add it
-                teacher, student = (UNet2DConditionModel.from_pretrained(p, subfolder="unet", low_cpu_mem_usage=False) for p in
-                                    (record["cmd"][record["cmd"].index("--pretrained_model_name_or_path") + 1], path[:-5] + "/pipeline"))
-                record["change"] = direction_vs_norm(teacher, student)
-                with open(path, "w") as f:
-                    json.dump(record, f)
-    if not runs:
-        sys.exit(f"bench.py toy: no scored runs in {out} match {match}")
-    goal = next(iter(runs.values()))["teacher"]
-    print(f"{out}: 25-step teacher (CFG 1.5) precision {goal['precision']:.2f}, balance {min(goal['balance']):.2f}")
-    print("| run | trainable | steps | minutes | precision | coverage | adherence | balance (min) | FD to data "
-          "| ceiling precision | / ceiling | NM % | DM % | DM/NM | angle % | angle/NM | top 30% of direction change "
-          "| conv NM / DM / angle % |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, r in runs.items():
-        s, c, lin, conv = r["scores"], r["ceiling"], r["change"]["Linear"], r["change"]["Conv2d"]
-        print(f"| {name} | {r['params'] / 1e3:.0f}k | {r['steps']} | {r['minutes']:.0f} | {s['precision']:.2f} "
-              f"| {s['coverage']:.2f} | {s['adherence']:.2f} | {min(s['balance']):.2f} | {s['fd']:.1f} "
-              f"| {c['precision']:.2f} | {ratio(s['precision'], c['precision']):.2f}x | {lin['nm']:.3f} "
-              f"| {lin['dm']:.3f} | {ratio_text(lin, 'dm')} | {lin['angle']:.2f} | {ratio_text(lin, 'angle')} | {lin['top30']:.2f} "
-              f"| {conv['nm']:.3f} / {conv['dm']:.3f} / {conv['angle']:.2f} |")
-    plot = os.path.join(out, "table-precision.png")
-    line_plot(plot, [("precision of the one-step student over training", None,
-                      {name: ([int(k) for k in r["curve"]], [v["precision"] for v in r["curve"].values()])
-                       for name, r in runs.items()}, {"25-step teacher, CFG 1.5": goal["precision"]})])
     print(f"plot: {plot}")
 
 
