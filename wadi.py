@@ -7,7 +7,7 @@ One GPU:
 One node of 8 GPUs (the paper's recipe, see train.sh):
     torchrun --standalone --nproc_per_node 8 wadi.py --prompts prompts.txt
 A CPU with no network (a tiny SD-shaped model built on the spot, ~30 s):
-    python wadi.py --pretrained_model_name_or_path tiny --prompts prompts.txt --output_dir wadi-tiny --max_train_steps 100 --train_batch_size 8
+    python wadi.py --pretrained_model_name_or_path tiny --prompts prompts.txt --output_dir wadi-tiny --max_train_steps 20 --train_batch_size 8
 
 Three networks, one copy of the frozen SD UNet weights:
     teacher  eps_real   the pretrained UNet, frozen
