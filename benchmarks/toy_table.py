@@ -76,7 +76,8 @@ def toy_table(out, match):
         s, c, lin, conv = r["scores"], r["ceiling"], r["change"]["Linear"], r["change"]["Conv2d"]
         print(f"| {name} | {r['params'] / 1e3:.0f}k | {r['steps']} | {r['minutes']:.0f} | {s['precision']:.2f} "
               f"| {s['coverage']:.2f} | {s['adherence']:.2f} | {min(s['balance']):.2f} | {s['fd']:.1f} "
-              f"| {c['precision']:.2f} | {ratio(s['precision'], c['precision']):.2f}x | {lin['nm']:.3f} "
+              + (f"| {c['precision']:.2f} | {ratio(s['precision'], c['precision']):.2f}x " if math.isfinite(c["precision"])
+                 else "| - | - ") + f"| {lin['nm']:.3f} "
               f"| {lin['dm']:.3f} | {ratio_text(lin, 'dm')} | {lin['angle']:.2f} | {ratio_text(lin, 'angle')} | {lin['top30']:.2f} "
               f"| {conv['nm']:.3f} / {conv['dm']:.3f} / {conv['angle']:.2f} |")
     plot = os.path.join(out, "table-precision.png")
