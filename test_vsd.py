@@ -1,6 +1,6 @@
 """Tests for wadi.py: the VSD step against its closed forms, the shared base, and the CLI end to end.
 
-    python -m pytest -q test_vsd.py       # CPU only, no network, about 4 minutes on 2 cores
+    python -m pytest -q test_vsd.py       # CPU only, no network, about 2.5 minutes on 2 cores
 
 Everything runs on the tiny SD-shaped pipeline that wadi.py builds for `--pretrained_model_name_or_path tiny`,
 built once per session into a temporary WADI_CACHE. In-process tests call wadi's functions directly, on one core;
