@@ -268,16 +268,7 @@ def load_lorad(model, state_dict):
 @torch.no_grad()
 def weight_change(w0, w1):
     """Norm change |(|w1| - |w0|)| / |w0| and direction change 1 - cos(w0, w1), per output row,
-    averaged over rows: a (norm, direction) pair of fractions (x100 for the paper's percent).
-    Given two models instead of two weights, averages over their Linear layers of the same name
-    (merge LoRaD models first)."""
-    if isinstance(w0, nn.Module):
-        l1 = {n: m for n, m in w1.named_modules() if isinstance(m, nn.Linear)}
-        pairs = [weight_change(m.weight, l1[n].weight) for n, m in w0.named_modules()
-                 if isinstance(m, nn.Linear) and n in l1]
-        if not pairs:
-            raise ValueError("weight_change: the two models share no Linear layer names")
-        return tuple(sum(v) / len(pairs) for v in zip(*pairs))
+    averaged over rows: a (norm, direction) pair of fractions (x100 for the paper's percent)."""
     w0, w1 = w0.double().flatten(1), w1.double().flatten(1)
     n0, n1 = w0.norm(dim=1), w1.norm(dim=1)
     norm = ((n1 - n0).abs() / n0).mean().item()
