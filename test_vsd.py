@@ -1409,6 +1409,22 @@ def test_toy_table_rebuilds_from_the_records(tmp_path, capsys):
     assert (tmp_path / "table-precision.png").stat().st_size > 0
 
 
+def test_toy_ceiling_goes_to_the_runs_that_share_it(tmp_path):
+    """bench.py toy --ceiling_only fits a ceiling after the runs (made with --no_ceiling): it goes into the records
+    of the runs on the same teacher whose student flags are its own, whatever their fake or loss flags, and no other."""
+    argv = lambda teacher, *flags: ["wadi.py", "--pretrained_model_name_or_path", teacher, "--prompts", "p.txt",
+                                    "--max_train_steps", "1000", "--learning_rate", "1e-3", *flags]
+    runs = {"same": argv("t"), "fake-only": argv("t", "--fake_rank", "8"), "other-lr": argv("t", "--learning_rate", "3e-3"),
+            "other-teacher": argv("u"), "other-rank": argv("t", "--student_rank", "8")}
+    for name, cmd in runs.items():
+        (tmp_path / f"wadi-{name}.json").write_text(json.dumps(dict(cmd=cmd, scores={}, ceiling=dict(precision=math.nan))))
+    (tmp_path / "wadi-unscored.json").write_text(json.dumps(dict(cmd=argv("t"), minutes=1.0)))
+    toy.share_ceiling(str(tmp_path), "t", toy.ceiling_key(argv("t")[1:]), dict(precision=0.4))
+    got = {p.name[5:-5]: json.loads(p.read_text()).get("ceiling") for p in tmp_path.glob("wadi-*.json")}
+    assert {k for k, v in got.items() if v == dict(precision=0.4)} == {"same", "fake-only"}
+    assert got["unscored"] is None and math.isnan(got["other-lr"]["precision"])
+
+
 @in_background
 def bench_step_run(tmp, env):
     return subprocess.run([sys.executable, "bench.py", "step", "--sizes", "tiny", "--rounds", "1", "--steps", "1",
