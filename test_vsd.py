@@ -1324,7 +1324,7 @@ def test_toy_teacher_lr(tmp_path):
     assert moved.median().item() == pytest.approx(2e-3, rel=0.03)  # most weights: exactly one lr
 
 
-@pytest.mark.parametrize("flags", [["--teacher_lr", "nan"], ["--steps", "0"]])
+@pytest.mark.parametrize("flags", [["--teacher_lr", "nan"], ["--steps", "0"], ["--ceiling_targets", "0"]])
 def test_toy_bad_flags(tmp_path, flags, capsys):
     """bench.py toy stops on a bad flag with sys.exit's one line (exit status 1), before it writes anything."""
     with pytest.raises(SystemExit) as e:

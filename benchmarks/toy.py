@@ -133,8 +133,9 @@ def toy_ceiling(pipe, wadi_argv, n=384):
     """The regression ceiling, the easiest one-step target there is: wadi.py's own student (wadi.setup on the distillation's command line: the
     same adapter, rank, initial angles, AdamW, clipping, batch and steps) fitted straight onto the teacher's 25-step
     samples (DDIM, the recipe's CFG) from the same noise, instead of by VSD. No one-step target is easier: where
-    VSD comes near it, what is left is the student's reach, not VSD. Returns the fitted student and its mean squared
-    error to the targets before and after (EMA, if the recipe has one, is left out)."""
+    VSD comes near it, what is left is the student's reach, not VSD. But the fit sees n noises per prompt, VSD fresh
+    noise every step: with too few the fit learns the pairs, not the map (its MSE on held-out noise says so). Returns
+    the fitted student and its mean squared error to the targets before and after (EMA, if any, is left out)."""
     from diffusers import DDIMScheduler
     run = wadi.setup(wadi.parse_args(wadi_argv))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -221,7 +222,7 @@ def toy_diagnostics(teacher, ckpt, modes, guidance, previous=None):
 def bench_toy(args):
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from safetensors.torch import load_file
-    for name in ("teacher_steps", "steps", "samples"):
+    for name in ("teacher_steps", "steps", "samples", "ceiling_targets"):
         if getattr(args, name) < 1:
             sys.exit(f"bench.py toy: --{name} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.teacher_lr < math.inf:
@@ -283,11 +284,12 @@ def bench_toy(args):
     pipe.scheduler = DDIMScheduler.from_config(config)
     rows["teacher, 25 DDIM steps, no CFG"] = toy_scores(toy_samples(pipe, 25, 1.0, n), modes)
     rows["teacher, 25 DDIM steps, CFG 1.5"] = toy_scores(teacher_x0 := toy_samples(pipe, 25, 1.5, n), modes)
-    key = ceiling_key(cmd[2:])
+    key = ceiling_key(cmd[2:]) + ([] if args.ceiling_targets == 384 else [f"targets{args.ceiling_targets}"])
     ceiling = os.path.join(out, f"ceiling-{tag}-{'-'.join(key)}.json")
     if not cached(ceiling, key) and (args.ceiling or args.ceiling_only):
         t0 = time.time()
-        pipe.unet, before, after = toy_ceiling(pipe, [*cmd[2:], "--output_dir", os.path.join(out, "unused")])
+        pipe.unet, before, after = toy_ceiling(pipe, [*cmd[2:], "--output_dir", os.path.join(out, "unused")],
+                                                args.ceiling_targets)
         pipe.scheduler = one_step
         x = toy_samples(pipe, 1, 0, n)  # the scores' noise, not the fit's: its MSE to the 25-step samples is held out
         json.dump(dict(cmd=key, minutes=(time.time() - t0) / 60, mse=[before, after, F.mse_loss(x, teacher_x0).item()],
@@ -384,6 +386,8 @@ def main(argv=None):
                    help="skip the regression ceiling unless cached (it costs ~9 CPU-minutes per 1000 steps)")
     p.add_argument("--ceiling_only", action="store_true",
                    help="no distillation: fit and score the regression ceiling of these steps and student flags alone")
+    p.add_argument("--ceiling_targets", type=int, default=384,
+                   help="per prompt, the 25-step samples the ceiling is fitted to (~1.5 CPU-minutes per 384)")
     p.add_argument("--table", nargs="*", help="no run: the table and plot of this toy's cached runs whose names "
                    "match one of these regular expressions (none: all)")
     p.add_argument("wadi_args", nargs="*", help="more wadi.py flags, after --")
