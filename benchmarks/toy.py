@@ -284,6 +284,7 @@ def bench_toy(args):
     pipe.scheduler = DDIMScheduler.from_config(config)
     rows["teacher, 25 DDIM steps, no CFG"] = toy_scores(toy_samples(pipe, 25, 1.0, n), modes)
     rows["teacher, 25 DDIM steps, CFG 1.5"] = toy_scores(teacher_x0 := toy_samples(pipe, 25, 1.5, n), modes)
+    # a ceiling fitted to other than the default targets is its own, and shared with no run (share_ceiling)
     key = ceiling_key(cmd[2:]) + ([] if args.ceiling_targets == 384 else [f"targets{args.ceiling_targets}"])
     ceiling = os.path.join(out, f"ceiling-{tag}-{'-'.join(key)}.json")
     if not cached(ceiling, key) and (args.ceiling or args.ceiling_only):
@@ -387,7 +388,7 @@ def main(argv=None):
     p.add_argument("--ceiling_only", action="store_true",
                    help="no distillation: fit and score the regression ceiling of these steps and student flags alone")
     p.add_argument("--ceiling_targets", type=int, default=384,
-                   help="per prompt, the 25-step samples the ceiling is fitted to (~1.5 CPU-minutes per 384)")
+                   help="per prompt, the 25-step samples the ceiling is fitted to (~4 CPU-minutes per 384 to sample)")
     p.add_argument("--table", nargs="*", help="no run: the table and plot of this toy's cached runs whose names "
                    "match one of these regular expressions (none: all)")
     p.add_argument("wadi_args", nargs="*", help="more wadi.py flags, after --")
