@@ -1401,12 +1401,34 @@ def test_toy_table_rebuilds_from_the_records(tmp_path, capsys):
                       change=change, params=74000)
         (tmp_path / f"wadi-{name}.json").write_text(json.dumps(record))
     (tmp_path / "wadi-unscored.json").write_text(json.dumps(dict(cmd=[], minutes=1.0)))  # a run not scored yet
-    toy_table.toy_table(str(tmp_path), [])
+    toy_table.toy_table(str(tmp_path), [], str(tmp_path / "plot" / "table.png"))
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| exact")]
     assert [r.split(" | ")[4] for r in rows] == ["0.12", "0.19"] and [r.split(" | ")[10] for r in rows] == ["-", "0.76x"]
-    toy_table.toy_table(str(tmp_path), [".*-adapterlora"])
+    toy_table.toy_table(str(tmp_path), [".*-adapterlora"], str(tmp_path / "plot" / "table.png"))
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| exact")] == rows[:1]
-    assert (tmp_path / "table-precision.png").stat().st_size > 0
+    assert (tmp_path / "plot" / "table.png").stat().st_size > 0
+
+
+def test_toy_scored_record_is_not_rerun(tmp_path, monkeypatch, capsys):
+    """A run whose scored record is in --records (kept in git) is not made again, on a clone without its outputs:
+    bench.py toy prints its row from the record and trains no teacher; without the record it would run wadi.py."""
+    seen = []
+    monkeypatch.setattr(toy, "train_toy_teacher", lambda path, *a, **k: os.makedirs(path))
+    monkeypatch.setattr(toy, "subprocess", argparse.Namespace(DEVNULL=None, run=lambda cmd, **k: seen.append(cmd) or sys.exit("ran wadi.py")))
+    flags = ["--toy_modes", "details", "--steps", "10", "--out", str(tmp_path / "o"), "--records", str(tmp_path / "r"),
+             "--", "--adapter", "lora"]
+    with pytest.raises(SystemExit, match="ran wadi.py"):
+        toy.main(flags)
+    record = tmp_path / "r" / "toy-details0.55-seed0" / "wadi-exact-attention-10-adapterlora.json"
+    assert not record.exists()  # a run that did not finish leaves no record
+    s = dict(precision=0.3, coverage=1.0, adherence=1.0, fd=2.0, balance=[0.5])
+    change = dict(nm=0.1, dm=0.2, angle=1.0, top30=0.9)
+    record.write_text(json.dumps(dict(cmd=["wadi.py", *seen[0][2:]], minutes=1.0, scores=s, ceiling=s, teacher=s,
+                                      steps=10, curve={"10": dict(precision=0.3)}, change=dict(Linear=change, Conv2d=change), params=1)))
+    shutil.rmtree(tmp_path / "o")
+    monkeypatch.setattr(toy, "train_toy_teacher", lambda *a, **k: pytest.fail("trained a teacher"))
+    toy.main(flags)
+    assert "| exact-attention-10-adapterlora | 0k | 10 | 1 | 0.30 |" in capsys.readouterr().out
 
 
 def test_toy_ceiling_goes_to_the_runs_that_share_it(tmp_path):

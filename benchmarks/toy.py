@@ -2,6 +2,7 @@
 
     python bench.py toy [--seed 1] [--toy_unet tiny] [-- more wadi.py flags]
     python bench.py toy --ceiling_only --steps 4000 -- --learning_rate 3e-3   # the regression ceiling alone
+    python bench.py toy --toy_modes details --table 'exact-attention-2000-.*'  # a table from the records, no run
 
 A conditional distribution whose modes are known exactly, a small teacher trained on it (cached), wadi.py's own
 command line, and scores in latent space against the known modes, beside the regression ceiling.
@@ -12,6 +13,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,8 +27,8 @@ import wadi
 from tiny import build_tiny_pipeline
 from benchmarks.plot import line_plot
 from benchmarks.toy_table import direction_vs_norm, ratio, toy_table
-from benchmarks.toy_problem import (TOY_NOISE, TOY_PROMPTS, toy_data, toy_exact_eps, toy_modes, toy_noise, toy_samples,
-                                     toy_scores, toy_tau)
+from benchmarks.toy_problem import (TOY_NOISE, TOY_PROMPTS, make_pairs, toy_data, toy_exact_eps, toy_modes, toy_noise,
+                                     toy_samples, toy_scores, toy_tau)
 
 
 TOY_UNETS = {  # changes to the tiny pipeline's UNet config for the toy's teacher
@@ -86,21 +88,6 @@ TOY_RECIPE = ["--train_batch_size", "16", "--student_rank", "16", "--fake_rank",
 # the one knob of the controlled runs that moved the student (docs/toy.md, "Why the student was slow"); 5 fake updates
 # per step, the student's lr annealed and eq. 12 unweighted, the knobs that slowed VSD's mode dropping (docs/toy.md,
 # "Why VSD drops modes"). 2000 steps (bench.py toy --steps): ~25 CPU-minutes.
-
-
-@torch.no_grad()
-def make_pairs(teacher, prompts, z, path, batch=64):
-    """DMD's regression pairs for wadi.py --regression_pairs, as docs/remedies.md makes them: the teacher's 25-step
-    DDIM samples with CFG 1.5 (the recipe's) from the noise z, one per prompt."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from safetensors.torch import save_file
-    pipe = StableDiffusionPipeline.from_pretrained(teacher, low_cpu_mem_usage=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    x0 = torch.cat([pipe(prompts[i:i + batch], num_inference_steps=25, guidance_scale=1.5, latents=z[i:i + batch],
-                         output_type="latent").images for i in range(0, len(prompts), batch)])
-    save_file({"z": z.contiguous(), "x0": x0}, path + ".tmp", {"prompts": json.dumps(prompts)})
-    os.replace(path + ".tmp", path)
 
 
 def lorad_from(teacher, path, layers):
@@ -163,9 +150,9 @@ def ceiling_key(wadi_argv):
                                             "max_train_steps", "guidance_scale", "seed")]
 
 
-def share_ceiling(out, teacher, key, scores):
+def share_ceiling(records, teacher, key, scores):
     """A ceiling fitted after the runs it belongs to (--no_ceiling, then --ceiling_only) goes into their records."""
-    for path in glob.glob(os.path.join(out, "wadi-*.json")):
+    for path in glob.glob(os.path.join(records, "wadi-*.json")):
         with open(path) as f:
             record = json.load(f)
         if "scores" in record and record["cmd"][2] == teacher and ceiling_key(record["cmd"][1:]) == key:
@@ -229,21 +216,17 @@ def bench_toy(args):
         sys.exit(f"bench.py toy: --teacher_lr must be a finite number > 0, got {args.teacher_lr}")
     if not 0 < args.toy_detail < math.inf:
         sys.exit(f"bench.py toy: --toy_detail must be a finite number > 0, got {args.toy_detail}")
-    details = f"details{args.toy_detail:g}-" if args.toy_modes == "details" else ""
-    out = os.path.join(args.out, f"toy-{details}seed{args.seed}")
+    toy = f"toy-{'details%g-' % args.toy_detail if args.toy_modes == 'details' else ''}seed{args.seed}"
+    # the runs' outputs (teacher, checkpoints, pipelines) in --out; their records (a few kB each) in --records,
+    # kept in git, so the docs' tables rebuild from a clone without a run
+    out, records = os.path.join(args.out, toy), os.path.join(args.records, toy)
     if args.table is not None:
-        return toy_table(out, args.table)
+        return toy_table(records, args.table, os.path.join(out, "table-precision.png"))
     os.makedirs(out, exist_ok=True)
+    os.makedirs(records, exist_ok=True)
     tag = args.teacher_target + ("" if args.toy_unet == "tiny" else f"-{args.toy_unet}")
     # the teacher's recipe in its folder's name: the cached student (its command names the teacher) follows it
     modes, teacher = toy_modes(args.seed, args.toy_modes, args.toy_detail), os.path.join(out, f"teacher-{tag}-{args.teacher_steps}-lr{args.teacher_lr:g}")
-    if not os.path.isdir(teacher):  # trained once, then cached
-        t0 = time.time()
-        shutil.rmtree(teacher + ".tmp", ignore_errors=True)
-        train_toy_teacher(teacher + ".tmp", modes, args.teacher_steps, args.teacher_target, args.toy_unet,
-                          lr=args.teacher_lr)
-        os.rename(teacher + ".tmp", teacher)
-        print(f"teacher trained in {(time.time() - t0) / 60:.1f} min")
     # distillation: wadi.py's own command line
     # each run in its own folder, named by its steps and its flags beyond the recipe's: runs side by side, each cached
     variant = "".join("-" + a[2:] if a.startswith("--") else a for a in args.wadi_args)
@@ -252,28 +235,39 @@ def bench_toy(args):
         f.write("\n".join(TOY_PROMPTS) + "\n")
     S = args.steps
     flags = [*TOY_RECIPE, *args.wadi_args]
-    if "--regression_weight" in flags and "--regression_pairs" not in flags:  # DMD's pairs, from noise of their own
-        pairs = os.path.join(out, "regression-pairs-1024.safetensors")
-        if not os.path.exists(pairs):
-            make_pairs(teacher, [p for p in TOY_PROMPTS for _ in range(256)], toy_noise(256, 3000).flatten(0, 1), pairs)
+    pairs = os.path.join(out, "regression-pairs-1024.safetensors")  # DMD's pairs, from noise of their own
+    if "--regression_weight" in flags and "--regression_pairs" not in flags:
         flags += ["--regression_pairs", pairs]
     cmd = [sys.executable, os.path.abspath(wadi.__file__),
            "--pretrained_model_name_or_path", teacher, "--prompts", prompts, "--validation_prompts", *TOY_PROMPTS,
            "--output_dir", student, "--max_train_steps", str(S), "--checkpointing_steps", str(max(1, S // 10)),
            "--validation_steps", str(S), *flags]
     print("wadi.py flags for the toy:", " ".join(flags), "--max_train_steps", S)
-    def cached(path, made_by=cmd[1:]):  # a finished run's record (what made it, wall time, scores), if made so
+    shown = ["wadi.py", *cmd[2:]]  # the command as a record keeps it: the same from any checkout
+
+    def cached(path, made_by=shown):  # a finished run's record (what made it, wall time, scores), if made so
         if os.path.exists(path):
             with open(path) as f:
                 record = json.load(f)
             return record if record["cmd"] == made_by else None
-    done = student + ".json"  # rerun only what changed
-    if not args.ceiling_only and not cached(done):
-        print(" ".join(cmd[1:]))
+    done = os.path.join(records, os.path.basename(student) + ".json")  # rerun only what changed
+    if not args.ceiling_only and "scores" in (cached(done) or {}):  # scored before: its record says it all
+        return toy_table(records, [re.escape(os.path.basename(student)[len("wadi-"):])], student + "-curve.png")
+    if not os.path.isdir(teacher):  # trained once, then cached
+        t0 = time.time()
+        shutil.rmtree(teacher + ".tmp", ignore_errors=True)
+        train_toy_teacher(teacher + ".tmp", modes, args.teacher_steps, args.teacher_target, args.toy_unet,
+                          lr=args.teacher_lr)
+        os.rename(teacher + ".tmp", teacher)
+        print(f"teacher trained in {(time.time() - t0) / 60:.1f} min")
+    if pairs in flags and not os.path.exists(pairs):
+        make_pairs(teacher, [p for p in TOY_PROMPTS for _ in range(256)], toy_noise(256, 3000).flatten(0, 1), pairs)
+    if not args.ceiling_only and not (cached(done) and os.path.isdir(student)):
+        print(" ".join(shown))
         shutil.rmtree(student, ignore_errors=True)
         t0 = time.time()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        json.dump(dict(cmd=cmd[1:], minutes=(time.time() - t0) / 60), open(done, "w"))
+        json.dump(dict(cmd=shown, minutes=(time.time() - t0) / 60), open(done, "w"))
     # scores, every sample through a stock diffusers pipeline
     pipe = StableDiffusionPipeline.from_pretrained(teacher, low_cpu_mem_usage=False)
     config, n = pipe.scheduler.config, args.samples
@@ -286,7 +280,7 @@ def bench_toy(args):
     rows["teacher, 25 DDIM steps, CFG 1.5"] = toy_scores(teacher_x0 := toy_samples(pipe, 25, 1.5, n), modes)
     # a ceiling fitted to other than the default targets is its own, and shared with no run (share_ceiling)
     key = ceiling_key(cmd[2:]) + ([] if args.ceiling_targets == 384 else [f"targets{args.ceiling_targets}"])
-    ceiling = os.path.join(out, f"ceiling-{tag}-{'-'.join(key)}.json")
+    ceiling = os.path.join(records, f"ceiling-{tag}-{'-'.join(key)}.json")
     if not cached(ceiling, key) and (args.ceiling or args.ceiling_only):
         t0 = time.time()
         pipe.unet, before, after = toy_ceiling(pipe, [*cmd[2:], "--output_dir", os.path.join(out, "unused")],
@@ -295,7 +289,7 @@ def bench_toy(args):
         x = toy_samples(pipe, 1, 0, n)  # the scores' noise, not the fit's: its MSE to the 25-step samples is held out
         json.dump(dict(cmd=key, minutes=(time.time() - t0) / 60, mse=[before, after, F.mse_loss(x, teacher_x0).item()],
                        scores=toy_scores(x, modes)), open(ceiling, "w"))
-        share_ceiling(out, teacher, key, cached(ceiling, key)["scores"])
+        share_ceiling(records, teacher, key, cached(ceiling, key)["scores"])
     fit = cached(ceiling, key) or dict(scores=dict(precision=math.nan, coverage=math.nan, adherence=math.nan))
     if "mse" in fit:
         print(f"regression ceiling: the student fitted to 25-step samples, MSE {fit['mse'][0]:.3f} -> {fit['mse'][1]:.3f}"
@@ -382,7 +376,9 @@ def main(argv=None):
                    help="places: modes far apart (the first toys); details: a shared layout, modes differ in a detail")
     p.add_argument("--toy_detail", type=float, default=0.55, help="details: the detail's norm / the layout's (0.55: closest modes ~9.4 apart)")
     p.add_argument("--samples", type=int, default=256, help="per prompt (256: a mode's share to about +-0.03)")
-    p.add_argument("--out", default="bench-out")
+    p.add_argument("--out", default="bench-out", help="the runs' outputs: teachers, checkpoints, pipelines")
+    p.add_argument("--records", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "records"),
+                   help="the runs' records (commands, scores, curves) that --table reads")
     p.add_argument("--no_ceiling", dest="ceiling", action="store_false",
                    help="skip the regression ceiling unless cached (it costs ~9 CPU-minutes per 1000 steps)")
     p.add_argument("--ceiling_only", action="store_true",

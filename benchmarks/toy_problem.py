@@ -1,6 +1,8 @@
 """The toy's problem, known exactly: prompts, modes (two kinds), data, the ideal teacher's score, and the scores
 of a set of samples against the modes. benchmarks/toy.py trains, distills and reports on it."""
+import json
 import math
+import os
 
 import torch
 
@@ -115,3 +117,18 @@ def toy_scores(samples, modes):
                 adherence=right_prompt.float().mean().item(), dist=dist.mean().item(),
                 off=(err - err @ basis @ basis.T).norm(dim=1).mean().item(), fd=frechet_distance(x, data),
                 balance=(M * shares.min(1).values).tolist(), counts=counts.int().tolist())
+
+
+@torch.no_grad()
+def make_pairs(teacher, prompts, z, path, batch=64):
+    """DMD's regression pairs for wadi.py --regression_pairs, as docs/remedies.md makes them: the teacher's 25-step
+    DDIM samples with CFG 1.5 (the recipe's) from the noise z, one per prompt."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from safetensors.torch import save_file
+    pipe = StableDiffusionPipeline.from_pretrained(teacher, low_cpu_mem_usage=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    x0 = torch.cat([pipe(prompts[i:i + batch], num_inference_steps=25, guidance_scale=1.5, latents=z[i:i + batch],
+                         output_type="latent").images for i in range(0, len(prompts), batch)])
+    save_file({"z": z.contiguous(), "x0": x0}, path + ".tmp", {"prompts": json.dumps(prompts)})
+    os.replace(path + ".tmp", path)

@@ -47,27 +47,20 @@ def ratio_text(change, what):  # DM or angle over NM; LoRaD keeps each row's nor
     return f"{change[what] / change['nm']:.1f}" if change["nm"] > 1e-4 else "norms kept"
 
 
-def toy_table(out, match):
-    """The runs cached in `out` whose names (their folders' less 'wadi-') match one of the regular expressions `match`
-    (none: all), as one table, and their precision over training in one plot: from the records, no run, no sampling."""
-    from diffusers import UNet2DConditionModel
+def toy_table(records, match, plot):
+    """The runs recorded in `records` whose names (less 'wadi-') match one of the regular expressions `match` (none:
+    all), as one table, and their precision over training in one plot: from the records alone, no run, no sampling."""
     runs = {}
-    for path in sorted(glob.glob(os.path.join(out, "wadi-*.json"))):
+    for path in sorted(glob.glob(os.path.join(records, "wadi-*.json"))):
         with open(path) as f:
             record = json.load(f)
         name = os.path.basename(path)[len("wadi-"):-len(".json")]
         if "scores" in record and (not match or any(re.fullmatch(m, name) for m in match)):
             runs[name] = record
-            if "angle" not in record["change"]["Linear"]:  # a record from before the angle was measured: add it
-                teacher, student = (UNet2DConditionModel.from_pretrained(p, subfolder="unet", low_cpu_mem_usage=False) for p in
-                                    (record["cmd"][record["cmd"].index("--pretrained_model_name_or_path") + 1], path[:-5] + "/pipeline"))
-                record["change"] = direction_vs_norm(teacher, student)
-                with open(path, "w") as f:
-                    json.dump(record, f)
     if not runs:
-        sys.exit(f"bench.py toy: no scored runs in {out} match {match}")
+        sys.exit(f"bench.py toy: no scored runs in {records} match {match}")
     goal = next(iter(runs.values()))["teacher"]
-    print(f"{out}: 25-step teacher (CFG 1.5) precision {goal['precision']:.2f}, balance {min(goal['balance']):.2f}")
+    print(f"{records}: 25-step teacher (CFG 1.5) precision {goal['precision']:.2f}, balance {min(goal['balance']):.2f}")
     print("| run | trainable | steps | minutes | precision | coverage | adherence | balance (min) | FD to data "
           "| ceiling precision | / ceiling | NM % | DM % | DM/NM | angle % | angle/NM | top 30% of direction change "
           "| conv NM / DM / angle % |")
@@ -80,7 +73,7 @@ def toy_table(out, match):
                  else "| - | - ") + f"| {lin['nm']:.3f} "
               f"| {lin['dm']:.3f} | {ratio_text(lin, 'dm')} | {lin['angle']:.2f} | {ratio_text(lin, 'angle')} | {lin['top30']:.2f} "
               f"| {conv['nm']:.3f} / {conv['dm']:.3f} / {conv['angle']:.2f} |")
-    plot = os.path.join(out, "table-precision.png")
+    os.makedirs(os.path.dirname(plot) or ".", exist_ok=True)
     line_plot(plot, [("precision of the one-step student over training", None,
                       {name: ([int(k) for k in r["curve"]], [v["precision"] for v in r["curve"].values()])
                        for name, r in runs.items()}, {"25-step teacher, CFG 1.5": goal["precision"]})])
