@@ -583,15 +583,16 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import diffusers
-    import transformers
-    from huggingface_hub.utils import logging as hub_logging
-    hub_logging.set_verbosity_error()  # its retry notices while a hub id fails to resolve
-    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")  # diffusers 0.42 vs huggingface_hub 2
-    for lib in (diffusers, transformers):  # their loading bars and notices would drown the training log
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
     try:
+        read_prompts((args := parse_args()).prompts), check_output_dir(args.output_dir)  # before the slow imports
+        import diffusers
+        import transformers
+        from huggingface_hub.utils import logging as hub_logging
+        hub_logging.set_verbosity_error()  # its retry notices while a hub id fails to resolve
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")  # diffusers 0.42 vs huggingface_hub 2
+        for lib in (diffusers, transformers):  # their loading bars and notices would drown the training log
+            lib.utils.logging.set_verbosity_error()
+            lib.utils.logging.disable_progress_bar()
         main()
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
