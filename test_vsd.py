@@ -1398,11 +1398,13 @@ def test_toy_table_rebuilds_from_the_records(tmp_path, capsys):
         ceiling = scores(0.25 if name == "exact-attention-1000" else math.nan)  # --no_ceiling: not fitted
         record = dict(cmd=[], minutes=20.0, scores=scores(p), ceiling=ceiling, teacher=scores(1.0), steps=1000,
                       curve={"0": dict(precision=0.0, balance=0.0), "1000": dict(precision=p, balance=0.5)},
-                      change=change, params=74000)
+                      change=change, params=74000, teacher_sha="0123abcd")
         (tmp_path / f"wadi-{name}.json").write_text(json.dumps(record))
     (tmp_path / "wadi-unscored.json").write_text(json.dumps(dict(cmd=[], minutes=1.0)))  # a run not scored yet
     toy_table.toy_table(str(tmp_path), [], str(tmp_path / "plot" / "table.png"))
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| exact")]
+    printed = capsys.readouterr().out
+    assert "one teacher, its UNet's sha256 0123abcd" in printed
+    rows = [line for line in printed.splitlines() if line.startswith("| exact")]
     assert [r.split(" | ")[4] for r in rows] == ["0.12", "0.19"] and [r.split(" | ")[10] for r in rows] == ["-", "0.76x"]
     toy_table.toy_table(str(tmp_path), [".*-adapterlora"], str(tmp_path / "plot" / "table.png"))
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| exact")] == rows[:1]

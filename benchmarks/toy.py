@@ -26,7 +26,7 @@ import lorad
 import wadi
 from tiny import build_tiny_pipeline
 from benchmarks.plot import line_plot
-from benchmarks.toy_table import direction_vs_norm, ratio, toy_table
+from benchmarks.toy_table import direction_vs_norm, ratio, toy_table, weights_sha
 from benchmarks.toy_problem import (TOY_NOISE, TOY_PROMPTS, make_pairs, toy_data, toy_exact_eps, toy_modes, toy_noise,
                                      toy_samples, toy_scores, toy_tau)
 
@@ -334,7 +334,7 @@ def bench_toy(args):
     record = dict(cached(done), scores=student_row, ceiling=fit["scores"], teacher=goal, steps=S,
                   curve={step: dict(precision=c["precision"], balance=min(c["balance"])) for step, c in curve.items()},
                   change=direction_vs_norm(teacher_unet, final),
-                  params=sum(t.numel() for t in load_file(trained).values()))
+                  params=sum(t.numel() for t in load_file(trained).values()), teacher_sha=weights_sha(teacher))
     json.dump(record, open(done, "w"))
     print(f"\nover training ({n} samples per prompt through the pipeline; diagnostics on 16 fixed noises per prompt; "
           f"t buckets {', '.join(f'[{lo},{hi})' for lo, hi in TOY_BUCKETS)}):")

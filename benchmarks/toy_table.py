@@ -1,6 +1,7 @@
 """The toy's records as tables: bench.py toy --table, and the weight change it reports (the paper's Fig. 1 and
 Table 2 columns) between the teacher and a distilled student."""
 import glob
+import hashlib
 import json
 import math
 import os
@@ -43,6 +44,13 @@ def direction_vs_norm(teacher, student):
     return out
 
 
+def weights_sha(model_dir):
+    """The first 16 hex digits of the sha256 of a diffusers folder's UNet weights: which teacher a run distilled (the
+    teacher is retrained where bench-out/ is gone, the same on the same CPU build and thread count)."""
+    with open(os.path.join(model_dir, "unet", "diffusion_pytorch_model.safetensors"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
 def ratio_text(change, what):  # DM or angle over NM; LoRaD keeps each row's norm, up to fp32 rounding
     return f"{change[what] / change['nm']:.1f}" if change["nm"] > 1e-4 else "norms kept"
 
@@ -59,8 +67,9 @@ def toy_table(records, match, plot):
             runs[name] = record
     if not runs:
         sys.exit(f"bench.py toy: no scored runs in {records} match {match}")
-    goal = next(iter(runs.values()))["teacher"]
-    print(f"{records}: 25-step teacher (CFG 1.5) precision {goal['precision']:.2f}, balance {min(goal['balance']):.2f}")
+    goal, shas = next(iter(runs.values()))["teacher"], {r.get("teacher_sha", "not recorded") for r in runs.values()}
+    print(f"{records}: 25-step teacher (CFG 1.5) precision {goal['precision']:.2f}, balance {min(goal['balance']):.2f}; "
+          + (f"one teacher, its UNet's sha256 {shas.pop()}" if len(shas) == 1 else f"the runs' teachers differ: {shas}"))
     print("| run | trainable | steps | minutes | precision | coverage | adherence | balance (min) | FD to data "
           "| ceiling precision | / ceiling | NM % | DM % | DM/NM | angle % | angle/NM | top 30% of direction change "
           "| conv NM / DM / angle % |")
