@@ -68,7 +68,7 @@ def toy_table(records, match, plot):
     if not runs:
         sys.exit(f"bench.py toy: no scored runs in {records} match {match}")
     goal, shas = next(iter(runs.values()))["teacher"], {r.get("teacher_sha", "not recorded") for r in runs.values()}
-    print(f"{records}: 25-step teacher (CFG 1.5) precision {goal['precision']:.2f}, balance {min(goal['balance']):.2f}; "
+    print(f"{os.path.relpath(records)}: 25-step teacher (CFG 1.5) precision {goal['precision']:.2f}, balance {min(goal['balance']):.2f}; "
           + (f"one teacher, its UNet's sha256 {shas.pop()}" if len(shas) == 1 else f"the runs' teachers differ: {shas}"))
     print("| run | trainable | steps | minutes | precision | coverage | adherence | balance (min) | FD to data "
           "| ceiling precision | / ceiling | NM % | DM % | DM/NM | angle % | angle/NM | top 30% of direction change "
