@@ -1403,12 +1403,22 @@ def test_toy_table_rebuilds_from_the_records(tmp_path, capsys):
     (tmp_path / "wadi-unscored.json").write_text(json.dumps(dict(cmd=[], minutes=1.0)))  # a run not scored yet
     toy_table.toy_table(str(tmp_path), [], str(tmp_path / "plot" / "table.png"))
     printed = capsys.readouterr().out
-    assert "one teacher, its UNet's sha256 0123abcd" in printed
+    assert "one teacher; sha256 0123abcd: 25-step (CFG 1.5) precision 1.000, balance 0.500" in printed
     rows = [line for line in printed.splitlines() if line.startswith("| exact")]
-    assert [r.split(" | ")[4] for r in rows] == ["0.12", "0.19"] and [r.split(" | ")[10] for r in rows] == ["-", "0.76x"]
+    assert [r.split(" | ")[5] for r in rows] == ["0.12", "0.19"] and [r.split(" | ")[11] for r in rows] == ["-", "0.76x"]
     toy_table.toy_table(str(tmp_path), [".*-adapterlora"], str(tmp_path / "plot" / "table.png"))
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| exact")] == rows[:1]
     assert (tmp_path / "plot" / "table.png").stat().st_size > 0
+    # a run on a retrained teacher (other last bits), and a ceiling fitted on the first one, are told apart
+    record = json.loads((tmp_path / "wadi-exact-attention-1000.json").read_text())
+    record.update(teacher_sha="4567ef01", teacher=scores(0.99), ceiling=dict(scores(0.25), teacher_sha="0123abcd"))
+    (tmp_path / "wadi-exact-attention-1000-seed1.json").write_text(json.dumps(record))
+    toy_table.toy_table(str(tmp_path), ["exact-attention-1000.*"], str(tmp_path / "plot" / "table.png"))
+    printed = capsys.readouterr().out
+    assert "the runs' teachers differ" in printed and "sha256 4567ef01: 25-step (CFG 1.5) precision 0.990" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("| exact-attention-1000-seed1 "))
+    assert row.split(" | ")[1] == "4567" and row.split(" | ")[10] == "0.25*"
+    assert "* the ceiling was fitted on the teacher with sha256 0123abcd, not the run's" in printed
 
 
 def test_toy_scored_record_is_not_rerun(tmp_path, monkeypatch, capsys):
@@ -1430,7 +1440,7 @@ def test_toy_scored_record_is_not_rerun(tmp_path, monkeypatch, capsys):
     shutil.rmtree(tmp_path / "o")
     monkeypatch.setattr(toy, "train_toy_teacher", lambda *a, **k: pytest.fail("trained a teacher"))
     toy.main(flags)
-    assert "| exact-attention-10-adapterlora | 0k | 10 | 1 | 0.30 |" in capsys.readouterr().out
+    assert "| exact-attention-10-adapterlora | - | 0k | 10 | 1 | 0.30 |" in capsys.readouterr().out
 
 
 def test_toy_ceiling_goes_to_the_runs_that_share_it(tmp_path):

@@ -288,7 +288,7 @@ def bench_toy(args):
         pipe.scheduler = one_step
         x = toy_samples(pipe, 1, 0, n)  # the scores' noise, not the fit's: its MSE to the 25-step samples is held out
         json.dump(dict(cmd=key, minutes=(time.time() - t0) / 60, mse=[before, after, F.mse_loss(x, teacher_x0).item()],
-                       scores=toy_scores(x, modes)), open(ceiling, "w"))
+                       scores=dict(toy_scores(x, modes), teacher_sha=weights_sha(teacher))), open(ceiling, "w"))
         share_ceiling(records, teacher, key, cached(ceiling, key)["scores"])
     fit = cached(ceiling, key) or dict(scores=dict(precision=math.nan, coverage=math.nan, adherence=math.nan))
     if "mse" in fit:

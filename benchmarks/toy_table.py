@@ -67,21 +67,31 @@ def toy_table(records, match, plot):
             runs[name] = record
     if not runs:
         sys.exit(f"bench.py toy: no scored runs in {records} match {match}")
-    goal, shas = next(iter(runs.values()))["teacher"], {r.get("teacher_sha", "not recorded") for r in runs.values()}
-    print(f"{os.path.relpath(records)}: 25-step teacher (CFG 1.5) precision {goal['precision']:.2f}, balance {min(goal['balance']):.2f}; "
-          + (f"one teacher, its UNet's sha256 {shas.pop()}" if len(shas) == 1 else f"the runs' teachers differ: {shas}"))
-    print("| run | trainable | steps | minutes | precision | coverage | adherence | balance (min) | FD to data "
+    # a teacher retrained where bench-out/ is gone can differ in its last bits (another CPU, thread count): each
+    # run names its own by its UNet's sha256, and the 25-step teacher's scores show whether two are alike
+    teachers = {r.get("teacher_sha", "not recorded"): r["teacher"] for r in runs.values()}
+    print(f"{os.path.relpath(records)}: " + ("one teacher" if len(teachers) == 1 else "the runs' teachers differ") + "; "
+          + "; ".join(f"sha256 {sha}: 25-step (CFG 1.5) precision {t['precision']:.3f}, balance {min(t['balance']):.3f}, "
+                      f"precise samples per mode {t.get('counts', '-')}" for sha, t in teachers.items()))
+    print("| run | teacher | trainable | steps | minutes | precision | coverage | adherence | balance (min) | FD to data "
           "| ceiling precision | / ceiling | NM % | DM % | DM/NM | angle % | angle/NM | top 30% of direction change "
           "| conv NM / DM / angle % |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    others = set()
     for name, r in runs.items():
         s, c, lin, conv = r["scores"], r["ceiling"], r["change"]["Linear"], r["change"]["Conv2d"]
-        print(f"| {name} | {r['params'] / 1e3:.0f}k | {r['steps']} | {r['minutes']:.0f} | {s['precision']:.2f} "
+        sha = r.get("teacher_sha", "-")
+        other = "*" if c.get("teacher_sha", sha) != sha else ""  # a ceiling fitted on another build of the teacher
+        others |= {c["teacher_sha"]} if other else set()
+        print(f"| {name} | {sha[:4]} | {r['params'] / 1e3:.0f}k | {r['steps']} | {r['minutes']:.0f} | {s['precision']:.2f} "
               f"| {s['coverage']:.2f} | {s['adherence']:.2f} | {min(s['balance']):.2f} | {s['fd']:.1f} "
-              + (f"| {c['precision']:.2f} | {ratio(s['precision'], c['precision']):.2f}x " if math.isfinite(c["precision"])
+              + (f"| {c['precision']:.2f}{other} | {ratio(s['precision'], c['precision']):.2f}x " if math.isfinite(c["precision"])
                  else "| - | - ") + f"| {lin['nm']:.3f} "
               f"| {lin['dm']:.3f} | {ratio_text(lin, 'dm')} | {lin['angle']:.2f} | {ratio_text(lin, 'angle')} | {lin['top30']:.2f} "
               f"| {conv['nm']:.3f} / {conv['dm']:.3f} / {conv['angle']:.2f} |")
+    if others:
+        print(f"* the ceiling was fitted on the teacher with sha256 {', '.join(sorted(others))}, not the run's")
+    goal = next(iter(teachers.values()))
     os.makedirs(os.path.dirname(plot) or ".", exist_ok=True)
     line_plot(plot, [("precision of the one-step student over training", None,
                       {name: ([int(k) for k in r["curve"]], [v["precision"] for v in r["curve"].values()])
