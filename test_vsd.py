@@ -1443,6 +1443,24 @@ def test_toy_scored_record_is_not_rerun(tmp_path, monkeypatch, capsys):
     assert "| exact-attention-10-adapterlora | - | 0k | 10 | 1 | 0.30 |" in capsys.readouterr().out
 
 
+def test_toy_runs_end_to_end(tmp_path, capsys):
+    """bench.py toy as a user runs it, at toy size: a teacher trained, wadi.py's command line run, every sample drawn
+    through stock pipelines, and a record whose curve has, per checkpoint, the student's and the fake's samples per
+    mode (the fake's own 25-step samples); then --table rebuilds the run's row from that record alone."""
+    flags = ["--toy_modes", "details", "--toy_unet", "tiny", "--teacher_steps", "2", "--steps", "2", "--samples", "3",
+             "--no_ceiling", "--out", str(tmp_path / "o"), "--records", str(tmp_path / "r")]
+    toy.main(flags)
+    record = json.loads((tmp_path / "r" / "toy-details0.55-seed0" / "wadi-exact-2.json").read_text())
+    assert record["steps"] == 2 and sorted(record["curve"]) == ["0", "1", "2"]
+    for step in ("1", "2"):  # 4 prompts x 4 modes; a count is of precise samples, at most the samples drawn
+        student, fake = record["curve"][step]["counts"], record["curve"][step]["fake_counts"]
+        assert [len(c) for c in student] == [len(c) for c in fake] == [4] * 4
+        assert all(sum(c) <= 3 for c in student) and all(sum(c) <= 3 for c in fake)
+    capsys.readouterr()
+    toy.main([*flags[:2], *flags[-4:], "--table"])
+    assert "| exact-2 | " in capsys.readouterr().out
+
+
 def test_toy_ceiling_goes_to_the_runs_that_share_it(tmp_path):
     """bench.py toy --ceiling_only fits a ceiling after the runs (made with --no_ceiling): it goes into the records
     of the runs on the same teacher whose student flags are its own, whatever their fake or loss flags, and no other."""

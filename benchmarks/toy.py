@@ -319,12 +319,16 @@ def bench_toy(args):
     print("student / regression ceiling: " + ", ".join(
         f"{k} {ratio(student_row[k], fit['scores'][k]):.2f}x" for k in ("precision", "coverage", "adherence")))
     # over training: every checkpoint's student through the pipeline, and the diagnostics of toy_diagnostics
-    curve, diag, previous = {0: rows["teacher, 1 step"]}, {}, None
-    pipe.scheduler = one_step
+    # and the fake model's own samples (25 DDIM steps, no CFG: its estimate of the student's distribution), per mode:
+    # eq. 11 pulls samples back to a mode the student has left only once the fake has learned that it is empty
+    curve, diag, fake_counts, previous = {0: rows["teacher, 1 step"]}, {}, {}, None
+    ddim = DDIMScheduler.from_config(config)
     for ckpt in wadi.list_checkpoints(student):
         step = int(ckpt.rsplit("-", 1)[1])
-        pipe.unet = student_from(teacher, ckpt)
+        pipe.unet, pipe.scheduler = student_from(teacher, ckpt), one_step
         curve[step] = toy_scores(toy_samples(pipe, 1, 0, n), modes)
+        pipe.unet, pipe.scheduler = lorad_from(teacher, os.path.join(ckpt, "fake_lorad.safetensors"), wadi.FAKE_LAYERS), ddim
+        fake_counts[step] = toy_scores(toy_samples(pipe, 25, 1.0, min(n, 64)), modes)["counts"]
         diag[step] = toy_diagnostics(teacher, ckpt, modes, 1.5, previous)
         previous = diag[step].pop("x0")
     # the record the table is rebuilt from (bench.py toy --table): scores, the curve, the ceiling, the weight change
@@ -332,15 +336,17 @@ def bench_toy(args):
                            for p in (teacher, os.path.join(student, "pipeline")))
     (trained,) = glob.glob(os.path.join(student, "student_*.safetensors"))
     record = dict(cached(done), scores=student_row, ceiling=fit["scores"], teacher=goal, steps=S,
-                  curve={step: dict(precision=c["precision"], balance=min(c["balance"])) for step, c in curve.items()},
+                  curve={step: dict(precision=c["precision"], balance=min(c["balance"]), counts=c["counts"],
+                                    fake_counts=fake_counts.get(step)) for step, c in curve.items()},
                   change=direction_vs_norm(teacher_unet, final),
                   params=sum(t.numel() for t in load_file(trained).values()), teacher_sha=weights_sha(teacher))
     json.dump(record, open(done, "w"))
     print(f"\nover training ({n} samples per prompt through the pipeline; diagnostics on 16 fixed noises per prompt; "
           f"t buckets {', '.join(f'[{lo},{hi})' for lo, hi in TOY_BUCKETS)}):")
     print("| step | precision / coverage / adherence | balance by prompt | distance: in span / off | moved since last "
-          "| |VSD grad| | cos(grad, error) | in span | off span | fake's eps MSE on student samples / teacher's on data |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| |VSD grad| | cos(grad, error) | in span | off span | fake's eps MSE on student samples / teacher's on data "
+          f"| precise samples per mode: student (of {n}) / the fake's 25-step samples (of {min(n, 64)}) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     per_bucket = lambda d, f: " ".join(f(d[lo]) for lo, _ in TOY_BUCKETS)
     for step, d in diag.items():
         c, moved = curve[step], "-" if d["move"] is None else f"{d['move']:.2f}"
@@ -348,7 +354,8 @@ def bench_toy(args):
               f"| {' '.join(f'{b:.2f}' for b in c['balance'])} | {c['dist']:.2f}: {d['err_in']:.2f} / {d['err_off']:.2f} | {moved} "
               f"| {per_bucket(d, lambda b: format(b['g'], '.3f'))} | {per_bucket(d, lambda b: format(b['cos'], '.2f'))} "
               f"| {per_bucket(d, lambda b: format(b['cos_in'], '.2f'))} | {per_bucket(d, lambda b: format(b['cos_off'], '.2f'))} "
-              f"| {per_bucket(d, lambda b: format(b['fake'], '.3f') + '/' + format(b['teacher'], '.3f'))} |")
+              f"| {per_bucket(d, lambda b: format(b['fake'], '.3f') + '/' + format(b['teacher'], '.3f'))} "
+              f"| {' '.join(map(str, c['counts']))} / {' '.join(map(str, fake_counts[step]))} |")
     plot = student + "-curve.png"
     steps = list(curve)
     line_plot(plot, [

@@ -88,7 +88,7 @@ def toy_table(records, match, plot):
               + (f"| {c['precision']:.2f}{other} | {ratio(s['precision'], c['precision']):.2f}x " if math.isfinite(c["precision"])
                  else "| - | - ") + f"| {lin['nm']:.3f} "
               f"| {lin['dm']:.3f} | {ratio_text(lin, 'dm')} | {lin['angle']:.2f} | {ratio_text(lin, 'angle')} | {lin['top30']:.2f} "
-              f"| {conv['nm']:.3f} / {conv['dm']:.3f} / {conv['angle']:.2f} |")
+              f"| {conv['nm']:.3f} / {max(conv['dm'], 0):.3f} / {conv['angle']:.2f} |")  # 1 - cos rounds to -1e-17
     if others:
         print(f"* the ceiling was fitted on the teacher with sha256 {', '.join(sorted(others))}, not the run's")
     goal = next(iter(teachers.values()))
