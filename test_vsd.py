@@ -14,6 +14,7 @@ import json
 import math
 import os
 import runpy
+import shlex
 import shutil
 import subprocess
 import sys
@@ -1459,6 +1460,30 @@ def test_toy_runs_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     toy.main([*flags[:2], *flags[-4:], "--table"])
     assert "| exact-2 | " in capsys.readouterr().out
+
+
+def test_docs_toy_tables_rebuild_from_the_records(tmp_path, capsys):
+    """Every `bench.py toy ... --table` command of docs/ runs as written on the records in git (no run, no teacher)
+    and prints rows; the precision and FD of docs/adapters.md's Table 2 (seed 0 / seed 1) are the records' own."""
+    commands = [shlex.split(line.split(" # ")[0])[2:] for doc in ("docs/adapters.md", "docs/details.md")
+                for b in readme_blocks("bash", doc) for line in b.splitlines() if "bench.py toy" in line and "--table" in line]
+    assert len(commands) >= 3
+    for argv in commands:
+        toy.main(["--out", str(tmp_path), *argv])
+        assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| exact-")], argv
+    runs = {"LoRaD, 3e-3": "learning_rate3e-3", "LoRA, 1e-3": "adapterlora-learning_rate1e-3",
+            "DoRA, 1e-3": "adapterdora-learning_rate1e-3", "full fine-tuning, 1e-4": "adapterfull-learning_rate1e-4"}
+    table = doc_text("docs/adapters.md").split("## Table 2 on the toy")[1].split("\n## ")[0]
+    header = next(line for line in table.splitlines() if line.startswith("| adapter, lr"))[2:-2].split(" | ")
+    for line in table.splitlines():
+        cells = [c.replace("*", "") for c in line[2:-2].split(" | ")]
+        if cells[0] in runs:
+            records = [json.loads(doc_text(f"benchmarks/records/toy-details0.55-seed{seed}/wadi-exact-attention-2000-"
+                                           f"{runs[cells[0]]}.json")) for seed in (0, 1)]
+            assert cells[header.index("precision s0 / s1")] == " / ".join(f"{r['scores']['precision']:.2f}" for r in records)
+            assert cells[header.index("FD s0 / s1")] == " / ".join(f"{r['scores']['fd']:.1f}" for r in records)
+            del runs[cells[0]]
+    assert not runs  # every adapter has its row
 
 
 def test_toy_ceiling_goes_to_the_runs_that_share_it(tmp_path):
