@@ -69,7 +69,7 @@ def toy_table(records, match, plot):
         sys.exit(f"bench.py toy: no scored runs in {records} match {match}")
     # a teacher retrained where bench-out/ is gone can differ in its last bits (another CPU, thread count): each
     # run names its own by its UNet's sha256, and the 25-step teacher's scores show whether two are alike
-    teachers = {r.get("teacher_sha", "not recorded"): r["teacher"] for r in runs.values()}
+    teachers = {r.get("teacher_sha", "-"): r["teacher"] for r in runs.values()}  # "-": a record older than the sha
     print(f"{os.path.relpath(records)}: " + ("one teacher" if len(teachers) == 1 else "the runs' teachers differ") + "; "
           + "; ".join(f"sha256 {sha}: 25-step (CFG 1.5) precision {t['precision']:.3f}, balance {min(t['balance']):.3f}, "
                       f"precise samples per mode {t.get('counts', '-')}" for sha, t in teachers.items()))
