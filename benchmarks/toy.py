@@ -316,8 +316,9 @@ def bench_toy(args):
     student_row = list(rows.values())[-1]
     print("student / 25-step teacher (CFG 1.5): " + ", ".join(
         f"{k} {ratio(student_row[k], goal[k]):.2f}x" for k in ("precision", "coverage", "adherence")) + " (goal >= 0.9x)")
-    print("student / regression ceiling: " + ", ".join(
-        f"{k} {ratio(student_row[k], fit['scores'][k]):.2f}x" for k in ("precision", "coverage", "adherence")))
+    if "mse" in fit:  # a ceiling was fitted
+        print("student / regression ceiling: " + ", ".join(
+            f"{k} {ratio(student_row[k], fit['scores'][k]):.2f}x" for k in ("precision", "coverage", "adherence")))
     # over training: every checkpoint's student through the pipeline, and the diagnostics of toy_diagnostics
     # and the fake model's own samples (25 DDIM steps, no CFG: its estimate of the student's distribution), per mode:
     # eq. 11 pulls samples back to a mode the student has left only once the fake has learned that it is empty
