@@ -1258,16 +1258,19 @@ def test_toy_scores_closed_form():
 def test_toy_mode_balance_closed_form():
     """Balance: per prompt, the number of modes times the smallest share of a mode among the prompt's precise samples.
     Samples placed exactly on the modes, 6/3/3 on the places toy's three modes of every prompt: 3 x 3/12 = 0.75; an
-    imprecise sample, or one answering another prompt, is not counted."""
+    imprecise sample, or one answering another prompt, is not counted. `nearest` counts every sample of the asked
+    prompt by its nearest mode, precise or not."""
     modes = toy_problem.toy_modes(0)
     picks = torch.tensor([0] * 6 + [1] * 3 + [2] * 3)
     samples = modes[:, picks].clone()
     s = toy_problem.toy_scores(samples, modes)
-    assert s["balance"] == pytest.approx([0.75] * 4) and s["counts"] == [[6, 3, 3]] * 4
+    assert s["balance"] == pytest.approx([0.75] * 4) and s["counts"] == s["nearest"] == [[6, 3, 3]] * 4
     samples[0, :6] = modes[1, 0]  # prompt 0's six samples of its first mode answer prompt 1's: none of its own left
     samples[1, :3] += 10  # prompt 1's first three samples, far from every mode
+    samples[2, :3] *= 1.5  # prompt 2's first three: half a mode's norm (> tau) out from their mode, still nearest to it
     s = toy_problem.toy_scores(samples, modes)
-    assert s["counts"][:2] == [[0, 3, 3], [3, 3, 3]] and s["balance"][:2] == pytest.approx([0.0, 1.0])
+    assert s["counts"][:3] == [[0, 3, 3], [3, 3, 3], [3, 3, 3]] and s["balance"][:3] == pytest.approx([0.0, 1.0, 1.0])
+    assert s["nearest"][0] == [0, 3, 3] and s["nearest"][2] == [6, 3, 3]  # imprecise, but near the mode: counted
 
 
 def test_toy_details_modes_share_a_layout():

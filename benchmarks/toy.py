@@ -337,7 +337,7 @@ def bench_toy(args):
     teacher_unet, final = (UNet2DConditionModel.from_pretrained(p, subfolder="unet", low_cpu_mem_usage=False)
                            for p in (teacher, os.path.join(student, "pipeline")))
     (trained,) = glob.glob(os.path.join(student, "student_*.safetensors"))
-    record = dict(cached(done), scores=student_row, ceiling=fit["scores"], teacher=goal, steps=S,
+    record = dict(cached(done), samples=n, scores=student_row, ceiling=fit["scores"], teacher=goal, steps=S,
                   curve={step: dict(precision=c["precision"], balance=min(c["balance"]), counts=c["counts"],
                                     fake_counts=fake_counts.get(step)) for step, c in curve.items()},
                   change=direction_vs_norm(teacher_unet, final),

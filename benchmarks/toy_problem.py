@@ -97,7 +97,8 @@ def toy_scores(samples, modes):
     samples whose nearest mode is one of the asked prompt's; dist: mean distance to the nearest mode, and `off`, the
     part of it orthogonal to the span of all modes (noise in directions where the data has none); FD to data;
     balance, per prompt: the number of modes times the smallest share of a mode among the prompt's precise samples
-    (1.0 = even; counts: those samples per mode)."""
+    (1.0 = even; counts: those samples per mode); nearest: every sample of the asked prompt by its nearest mode,
+    precise or not, which tells a mode the student leaves (few samples near it) from one it reaches imprecisely."""
     P, n = samples.shape[:2]
     M = modes.shape[1]
     x, centers = samples.flatten(2).flatten(0, 1), modes.flatten(2).flatten(0, 1)
@@ -116,7 +117,8 @@ def toy_scores(samples, modes):
     return dict(precision=(dist < tau).float().mean().item(), coverage=hit.float().mean().item(),
                 adherence=right_prompt.float().mean().item(), dist=dist.mean().item(),
                 off=(err - err @ basis @ basis.T).norm(dim=1).mean().item(), fd=frechet_distance(x, data),
-                balance=(M * shares.min(1).values).tolist(), counts=counts.int().tolist())
+                balance=(M * shares.min(1).values).tolist(), counts=counts.int().tolist(),
+                nearest=torch.bincount(nearest[right_prompt], minlength=P * M).view(P, M).tolist())
 
 
 @torch.no_grad()
