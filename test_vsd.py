@@ -528,7 +528,8 @@ def pairs_from_docs(tmp_path, tiny):
 def test_variant_resumes_bitwise_and_exports(variant, tmp_path, tiny):
     """A 2-step run against 1 step then resumed to 2, with an EMA: every checkpoint file equal bitwise. The export
     loads in stock diffusers and its one-step sample equals the trainer's own generator (the EMA, from the
-    checkpoint, through wadi.one_step), which differs from the teacher's. 'remedies': LoRaD with all four remedies
+    checkpoint, through wadi.one_step), which differs from the teacher's, as does bench.py toy's student read off the
+    checkpoint. 'remedies': LoRaD with all four remedies
     on at once (fresh fake samples, no CFG on the fake, DMD's weighting, DMD's regression onto the docs' pairs)."""
     from diffusers import StableDiffusionPipeline
     flags = ["--student_rank", "4", "--fake_rank", "4", "--ema_decay", "0.5"]
@@ -554,8 +555,10 @@ def test_variant_resumes_bitwise_and_exports(variant, tmp_path, tiny):
         ours, teacher = (wadi.one_step(m, z, emb, run.abar) for m in (run.ema, run.teacher))
         theirs = pipe(prompt_embeds=emb, latents=z, height=32, width=32, num_inference_steps=1, guidance_scale=0,
                       output_type="latent").images
+        scored = wadi.one_step(toy.student_from(tiny, str(full / "checkpoint-2")), z, emb, run.abar)  # bench.py toy's
     tol = 1e-5 * ours.abs().max().item()
     torch.testing.assert_close(theirs, ours, rtol=0, atol=tol)
+    torch.testing.assert_close(scored, ours, rtol=0, atol=tol)  # a checkpoint is scored by its EMA, as exported
     assert (ours - teacher).abs().max() > 100 * tol
 
 

@@ -104,11 +104,12 @@ def lorad_from(teacher, path, layers):
 
 def student_from(teacher, ckpt):
     """The teacher's UNet with the student of a checkpoint folder, whatever its adapter (read off the file name
-    student_{adapter}.safetensors; the rank off its tensors), unmerged."""
+    student_{adapter}.safetensors; the rank off its tensors), unmerged; its EMA (ema_{adapter}) where the run kept
+    one, since that is what wadi.py exports."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
-    (path,) = glob.glob(os.path.join(ckpt, "student_*.safetensors"))
-    adapter, state = os.path.basename(path)[len("student_"):-len(".safetensors")], load_file(path)
+    (path,) = glob.glob(os.path.join(ckpt, "ema_*.safetensors")) or glob.glob(os.path.join(ckpt, "student_*.safetensors"))
+    adapter, state = os.path.basename(path).split("_", 1)[1][:-len(".safetensors")], load_file(path)
     rank = next((v.shape[1] if k.endswith("theta_a") else v.shape[0] for k, v in state.items()
                  if k.endswith("theta_a") or "lora_A" in k), 1)
     unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", low_cpu_mem_usage=False)
