@@ -1401,18 +1401,20 @@ def test_toy_table_rebuilds_from_the_records(tmp_path, capsys):
     scores = lambda p: dict(precision=p, coverage=1.0, adherence=1.0, fd=2.5, balance=[0.5, 0.8])
     change = dict(Linear=dict(layers=3, nm=0.1, dm=2.0, ratio=20.0, angle=20.0, top30=0.9),
                   Conv2d=dict(layers=2, nm=0.0, dm=0.0, ratio=math.nan, angle=0.0, top30=math.nan))
+    teacher = dict(scores(1.0), balance=[1.0, 0.4])
     for name, p in (("exact-attention-1000", 0.19), ("exact-attention-1000-adapterlora", 0.12)):
         ceiling = scores(0.25 if name == "exact-attention-1000" else math.nan)  # --no_ceiling: not fitted
-        record = dict(cmd=[], minutes=20.0, scores=scores(p), ceiling=ceiling, teacher=scores(1.0), steps=1000,
+        record = dict(cmd=[], minutes=20.0, scores=scores(p), ceiling=ceiling, teacher=teacher, steps=1000,
                       curve={"0": dict(precision=0.0, balance=0.0), "1000": dict(precision=p, balance=0.5)},
                       change=change, params=74000, teacher_sha="0123abcd")
         (tmp_path / f"wadi-{name}.json").write_text(json.dumps(record))
     (tmp_path / "wadi-unscored.json").write_text(json.dumps(dict(cmd=[], minutes=1.0)))  # a run not scored yet
     toy_table.toy_table(str(tmp_path), [], str(tmp_path / "plot" / "table.png"))
     printed = capsys.readouterr().out
-    assert "one teacher; sha256 0123abcd: 25-step (CFG 1.5) precision 1.000, balance 0.500" in printed
+    assert "one teacher; sha256 0123abcd: 25-step (CFG 1.5) precision 1.000, balance 0.400" in printed
     rows = [line for line in printed.splitlines() if line.startswith("| exact")]
-    assert [r.split(" | ")[5] for r in rows] == ["0.12", "0.19"] and [r.split(" | ")[11] for r in rows] == ["-", "0.76x"]
+    assert [r.split(" | ")[5] for r in rows] == ["0.12", "0.19"] and [r.split(" | ")[12] for r in rows] == ["-", "0.76x"]
+    assert [r.split(" | ")[9] for r in rows] == ["1.25x"] * 2  # the smallest balance over the teacher's: 0.5 / 0.4
     toy_table.toy_table(str(tmp_path), [".*-adapterlora"], str(tmp_path / "plot" / "table.png"))
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| exact")] == rows[:1]
     assert (tmp_path / "plot" / "table.png").stat().st_size > 0
@@ -1424,7 +1426,7 @@ def test_toy_table_rebuilds_from_the_records(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "the runs' teachers differ" in printed and "sha256 4567ef01: 25-step (CFG 1.5) precision 0.990" in printed
     row = next(line for line in printed.splitlines() if line.startswith("| exact-attention-1000-seed1 "))
-    assert row.split(" | ")[1] == "4567" and row.split(" | ")[10] == "0.25*"
+    assert row.split(" | ")[1] == "4567" and row.split(" | ")[11] == "0.25*"
     assert "* the ceiling was fitted on the teacher with sha256 0123abcd, not the run's" in printed
 
 

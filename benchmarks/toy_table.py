@@ -73,10 +73,10 @@ def toy_table(records, match, plot):
     print(f"{os.path.relpath(records)}: " + ("one teacher" if len(teachers) == 1 else "the runs' teachers differ") + "; "
           + "; ".join(f"sha256 {sha}: 25-step (CFG 1.5) precision {t['precision']:.3f}, balance {min(t['balance']):.3f}, "
                       f"precise samples per mode {t.get('counts', '-')}" for sha, t in teachers.items()))
-    print("| run | teacher | trainable | steps | minutes | precision | coverage | adherence | balance (min) | FD to data "
+    print("| run | teacher | trainable | steps | minutes | precision | coverage | adherence | balance (min) | / teacher's | FD to data "
           "| ceiling precision | / ceiling | NM % | DM % | DM/NM | angle % | angle/NM | top 30% of direction change "
           "| conv NM / DM / angle % |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     others = set()
     for name, r in runs.items():
         s, c, lin, conv = r["scores"], r["ceiling"], r["change"]["Linear"], r["change"]["Conv2d"]
@@ -84,7 +84,8 @@ def toy_table(records, match, plot):
         other = "*" if c.get("teacher_sha", sha) != sha else ""  # a ceiling fitted on another build of the teacher
         others |= {c["teacher_sha"]} if other else set()
         print(f"| {name} | {sha[:4]} | {r['params'] / 1e3:.0f}k | {r['steps']} | {r['minutes']:.0f} | {s['precision']:.2f} "
-              f"| {s['coverage']:.2f} | {s['adherence']:.2f} | {min(s['balance']):.2f} | {s['fd']:.1f} "
+              f"| {s['coverage']:.2f} | {s['adherence']:.2f} | {min(s['balance']):.2f} "
+              f"| {ratio(min(s['balance']), min(r['teacher']['balance'])):.2f}x | {s['fd']:.1f} "
               + (f"| {c['precision']:.2f}{other} | {ratio(s['precision'], c['precision']):.2f}x " if math.isfinite(c["precision"])
                  else "| - | - ") + f"| {lin['nm']:.3f} "
               f"| {lin['dm']:.3f} | {ratio_text(lin, 'dm')} | {lin['angle']:.2f} | {ratio_text(lin, 'angle')} | {lin['top30']:.2f} "
