@@ -103,9 +103,8 @@ def lorad_from(teacher, path, layers):
 
 
 def student_from(teacher, ckpt):
-    """The teacher's UNet with the student of a checkpoint folder, whatever its adapter (read off the file name
-    student_{adapter}.safetensors; the rank off its tensors), unmerged; its EMA (ema_{adapter}) where the run kept
-    one, since that is what wadi.py exports."""
+    """The teacher's UNet with the student of a checkpoint folder (its EMA where the run kept one: what wadi.py
+    exports), whatever its adapter (read off the file name {student|ema}_{adapter}; the rank off its tensors), unmerged."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
     (path,) = glob.glob(os.path.join(ckpt, "ema_*.safetensors")) or glob.glob(os.path.join(ckpt, "student_*.safetensors"))
@@ -385,7 +384,7 @@ def main(argv=None):
     p.add_argument("--toy_modes", choices=["places", "details"], default="places",
                    help="places: modes far apart (the first toys); details: a shared layout, modes differ in a detail")
     p.add_argument("--toy_detail", type=float, default=0.55, help="details: the detail's norm / the layout's (0.55: closest modes ~9.4 apart)")
-    p.add_argument("--samples", type=int, default=256, help="per prompt (256: a mode's share to about +-0.03)")
+    p.add_argument("--samples", type=int, default=256, help="per prompt (256: a share to +-0.03; balance, the smallest of 4, wants 1024)")
     p.add_argument("--out", default="bench-out", help="the runs' outputs: teachers, checkpoints, pipelines")
     p.add_argument("--records", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "records"),
                    help="the runs' records (commands, scores, curves) that --table reads")
