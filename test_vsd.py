@@ -528,9 +528,9 @@ def pairs_from_docs(tmp_path, tiny):
 def test_variant_resumes_bitwise_and_exports(variant, tmp_path, tiny):
     """A 2-step run against 1 step then resumed to 2, with an EMA: every checkpoint file equal bitwise. The export
     loads in stock diffusers and its one-step sample equals the trainer's own generator (the EMA, from the
-    checkpoint, through wadi.one_step), which differs from the teacher's, as does bench.py toy's student read off the
-    checkpoint. 'remedies': LoRaD with all four remedies
-    on at once (fresh fake samples, no CFG on the fake, DMD's weighting, DMD's regression onto the docs' pairs)."""
+    checkpoint, through wadi.one_step, and as bench.py toy reads it off the checkpoint), which differs from the
+    teacher's. 'remedies': LoRaD with all four remedies on at once (fresh fake samples, no CFG on the fake, DMD's
+    weighting, DMD's regression onto the docs' pairs)."""
     from diffusers import StableDiffusionPipeline
     flags = ["--student_rank", "4", "--fake_rank", "4", "--ema_decay", "0.5"]
     flags += (["--fresh_fake_samples", "--fake_updates", "2", "--fake_guidance_scale", "1", "--vsd_weighting", "dmd",

@@ -110,7 +110,8 @@ def toy_scores(samples, modes):
     hit = torch.zeros(len(centers), dtype=torch.bool)
     hit[nearest[good]] = True
     # mode balance: per prompt, the shares of its precise samples at each of its modes; M x the smallest is 1 when even
-    counts = torch.bincount(nearest[good], minlength=P * M).view(P, M).float()
+    per_mode = lambda keep: torch.bincount(nearest[keep], minlength=P * M).view(P, M)  # of these samples, per mode
+    counts = per_mode(good).float()
     shares = counts / counts.sum(1, keepdim=True).clamp(min=1)
     err, basis = x - centers[nearest], torch.linalg.qr(centers.T).Q
     data = toy_data(modes, asked, torch.Generator().manual_seed(7)).flatten(1)
@@ -118,7 +119,7 @@ def toy_scores(samples, modes):
                 adherence=right_prompt.float().mean().item(), dist=dist.mean().item(),
                 off=(err - err @ basis @ basis.T).norm(dim=1).mean().item(), fd=frechet_distance(x, data),
                 balance=(M * shares.min(1).values).tolist(), counts=counts.int().tolist(),
-                nearest=torch.bincount(nearest[right_prompt], minlength=P * M).view(P, M).tolist())
+                nearest=per_mode(right_prompt).tolist())
 
 
 @torch.no_grad()
