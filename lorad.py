@@ -81,6 +81,12 @@ def reuse_rotations(model):
             _reuse.pop(i, None)
 
 
+def _autocast_dtype(device):
+    """The dtype autocast runs matmuls in on this device type, or None where it is off (or absent, as on meta)."""
+    on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    return torch.get_autocast_dtype(device) if on else None
+
+
 def _rotated(key, weight, bias, theta_a, theta_b, dtype):
     """W' = rotate(W, theta_a @ theta_b) in fp32 (autocast would round theta) and the bias, cast to the matmul's
     `dtype`. key: id() of the theta_a Parameter (backward's saved copy may be another Python object)."""
@@ -88,8 +94,7 @@ def _rotated(key, weight, bias, theta_a, theta_b, dtype):
     if cached is not None and cached[0] == dtype:
         return cached[1:]
     device = weight.device.type
-    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # not on meta
-    with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+    with torch.autocast(device, enabled=False) if _autocast_dtype(device) else contextlib.nullcontext():
         w_rot = rotate(weight, theta_a @ theta_b).to(dtype)
     bias = None if bias is None else bias.to(dtype)
     if _reuse and key in _reuse:
@@ -105,14 +110,10 @@ class _LoRaDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, theta_a, theta_b):
-        # under autocast, run the matmul in the autocast dtype, like nn.Linear would
-        device = x.device.type
-        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # not on meta
-        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-        x = x.to(dtype)
+        x = x.to(_autocast_dtype(x.device.type) or x.dtype)  # under autocast, the matmul in its dtype, as nn.Linear
         ctx.save_for_backward(x, weight, bias, theta_a, theta_b)
         ctx.key = id(theta_a)
-        return F.linear(x, *_rotated(ctx.key, weight, bias, theta_a, theta_b, dtype))
+        return F.linear(x, *_rotated(ctx.key, weight, bias, theta_a, theta_b, x.dtype))
 
     @staticmethod
     def backward(ctx, dy):
@@ -144,10 +145,7 @@ class LoRaDLinear(nn.Linear):
             raise ValueError(f"LoRaD rank must be >= 1, got {rank}")
         nn.Module.__init__(self)  # skip nn.Linear.__init__: it would allocate and init a new weight
         self.in_features, self.out_features, self.rank = base.in_features, base.out_features, rank
-        self.weight, self.bias = base.weight, base.bias
-        for p in (self.weight, self.bias):
-            if p is not None:
-                p.requires_grad_(False)
+        self.weight, self.bias = base.requires_grad_(False).weight, base.bias
         device = base.weight.device
         self.theta_a = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=torch.float32))
         self.theta_b = nn.Parameter(torch.empty(rank, self.in_features // 2, device=device, dtype=torch.float32))
@@ -181,20 +179,17 @@ def _no_match_message(model, include, exclude):
     """Why add_lorad found nothing to adapt. A model with nothing trainable would train without an error
     and learn nothing, so this must be loud, and say what the model has instead."""
     msg = f"add_lorad matched no nn.Linear with include={include!r}, exclude={exclude!r}: nothing would train"
-    linears = [name for name, m in model.named_modules() if type(m) is nn.Linear]
-    if linears:
-        msg += f". The model's nn.Linear ({len(linears)}): {', '.join(map(repr, linears[:3]))}"
-        msg += ", ..." if len(linears) > 3 else ""
-    else:
-        msg += ". The model has no nn.Linear"
     # Linear-like layers of other types: a 2-D weight that is not an embedding table. Duck-typed, so that
     # this file needs torch alone: transformers' Conv1D, nn.Linear subclasses (quantized layers, adapters).
-    others = {}
+    linears, others = [], {}
     for name, m in model.named_modules():
         w = getattr(m, "weight", None)
-        if (type(m) is not nn.Linear and isinstance(w, torch.Tensor) and w.dim() == 2
-                and not isinstance(m, (nn.Embedding, nn.EmbeddingBag))):
+        if type(m) is nn.Linear:
+            linears.append(name)
+        elif isinstance(w, torch.Tensor) and w.dim() == 2 and not isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             others.setdefault(type(m).__name__, []).append(name)
+    shown = ", ".join(map(repr, linears[:3])) + ", ..." * (len(linears) > 3)
+    msg += f". The model's nn.Linear ({len(linears)}): {shown}" if linears else ". The model has no nn.Linear"
     if others:
         found = ", ".join(f"{k} x{len(v)} (e.g. {v[0]!r})" for k, v in others.items())
         msg += (f". Linear-like layers of other types, which LoRaD does not adapt: {found}. LoRaD adapts"
@@ -250,9 +245,9 @@ def load_lorad(model, state_dict):
     own = lorad_state_dict(model)
     missing, unexpected = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own.keys())
     if missing or unexpected:
-        raise ValueError(f"LoRaD keys do not match: missing {missing[:3]}{'...' if len(missing) > 3 else ''}"
-                         f" ({len(missing)}), unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
-                         f" ({len(unexpected)}); same include/exclude and model as the checkpoint?")
+        few = lambda keys: f"{keys[:3]}{'...' * (len(keys) > 3)} ({len(keys)})"
+        raise ValueError(f"LoRaD keys do not match: missing {few(missing)}, unexpected {few(unexpected)};"
+                         " same include/exclude and model as the checkpoint?")
     for k, t in own.items():
         if state_dict[k].shape != t.shape:
             raise ValueError(f"LoRaD shape mismatch for {k}: checkpoint {tuple(state_dict[k].shape)}, "
