@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import runpy
 import shlex
 import shutil
@@ -1452,14 +1453,21 @@ def test_toy_scored_record_is_not_rerun(tmp_path, monkeypatch, capsys):
     assert "| exact-attention-10-adapterlora | - | 0k | 10 | 1 | 0.30 |" in capsys.readouterr().out
 
 
-def test_toy_runs_end_to_end(tmp_path, capsys):
-    """bench.py toy as a user runs it, at toy size: a teacher trained, wadi.py's command line run, every sample drawn
-    through stock pipelines, and a record whose curve has, per checkpoint, the student's and the fake's samples per
-    mode (the fake's own 25-step samples); then --table rebuilds the run's row from that record alone."""
+def test_toy_runs_end_to_end(tmp_path, capsys, monkeypatch):
+    """bench.py toy as a user runs it, at toy size, with the details recipe as the README gives it: a teacher trained,
+    DMD's regression pairs made, wadi.py's command line run, every sample drawn through stock pipelines, and a record
+    whose curve has, per checkpoint, the student's and the fake's samples per mode (the fake's own 25-step samples);
+    then --table rebuilds the run's row from that record alone."""
+    (recipe,) = set(re.findall(r"`-- (--learning_rate [^`]*)`", " ".join(doc_text("README.md").split())))
     flags = ["--toy_modes", "details", "--toy_unet", "tiny", "--teacher_steps", "2", "--steps", "2", "--samples", "3",
              "--no_ceiling", "--out", str(tmp_path / "o"), "--records", str(tmp_path / "r")]
-    toy.main(flags)
-    record = json.loads((tmp_path / "r" / "toy-details0.55-seed0" / "wadi-exact-2.json").read_text())
+    make_pairs = toy.make_pairs  # one pair per prompt of its 1024, for time
+    monkeypatch.setattr(toy, "make_pairs", lambda teacher, prompts, z, path: make_pairs(teacher, prompts[::256], z[::256], path))
+    toy.main([*flags, "--", *recipe.split()])
+    (name,) = os.listdir(tmp_path / "r" / "toy-details0.55-seed0")
+    assert name == f"wadi-exact-2-{'-'.join(f[2:] + v for f, v in zip(*[iter(recipe.split())] * 2))}.json"
+    assert os.path.exists(tmp_path / "o" / "toy-details0.55-seed0" / "regression-pairs-1024.safetensors")
+    record = json.loads((tmp_path / "r" / "toy-details0.55-seed0" / name).read_text())
     assert record["steps"] == 2 and sorted(record["curve"]) == ["0", "1", "2"]
     for step in ("1", "2"):  # 4 prompts x 4 modes; a count is of precise samples, at most the samples drawn
         student, fake = record["curve"][step]["counts"], record["curve"][step]["fake_counts"]
@@ -1467,7 +1475,7 @@ def test_toy_runs_end_to_end(tmp_path, capsys):
         assert all(sum(c) <= 3 for c in student) and all(sum(c) <= 3 for c in fake)
     capsys.readouterr()
     toy.main([*flags[:2], *flags[-4:], "--table"])
-    assert "| exact-2 | " in capsys.readouterr().out
+    assert f"| {name[len('wadi-'):-len('.json')]} | " in capsys.readouterr().out
 
 
 def test_docs_toy_tables_rebuild_from_the_records(tmp_path, capsys):

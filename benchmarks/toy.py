@@ -88,7 +88,7 @@ TOY_RECIPE = ["--train_batch_size", "16", "--student_rank", "16", "--fake_rank",
 # the one knob of the controlled runs that moved the student (docs/toy.md, "Why the student was slow"); 5 fake updates
 # per step, the student's lr annealed and eq. 12 unweighted, the knobs that slowed VSD's mode dropping (docs/toy.md,
 # "Why VSD drops modes"). 2000 steps (bench.py toy --steps): ~25 CPU-minutes. The details toy's modes need more, in
-# the same time: -- --learning_rate 3e-3 --student_rank 32 --regression_weight 1 --fake_updates 3 (docs/details.md).
+# ~1.1x the time: -- --learning_rate 3e-3 --student_rank 64 --regression_weight 1 --fake_updates 3 (docs/details.md).
 
 
 def lorad_from(teacher, path, layers):
