@@ -1465,9 +1465,10 @@ def test_toy_runs_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(toy, "make_pairs", lambda teacher, prompts, z, path: make_pairs(teacher, prompts[::256], z[::256], path))
     toy.main([*flags, "--", *recipe.split()])
     (name,) = os.listdir(tmp_path / "r" / "toy-details0.55-seed0")
-    assert name == f"wadi-exact-2-{'-'.join(f[2:] + v for f, v in zip(*[iter(recipe.split())] * 2))}.json"
-    assert os.path.exists(tmp_path / "o" / "toy-details0.55-seed0" / "regression-pairs-1024.safetensors")
     record = json.loads((tmp_path / "r" / "toy-details0.55-seed0" / name).read_text())
+    assert f" {recipe} " in f" {' '.join(record['cmd'])} "  # wadi.py ran the README's flags, as written
+    pairs = str(tmp_path / "o" / "toy-details0.55-seed0" / "regression-pairs-1024.safetensors")
+    assert record["cmd"][record["cmd"].index("--regression_pairs") + 1] == pairs and os.path.exists(pairs)
     assert record["steps"] == 2 and sorted(record["curve"]) == ["0", "1", "2"]
     for step in ("1", "2"):  # 4 prompts x 4 modes; a count is of precise samples, at most the samples drawn
         student, fake = record["curve"][step]["counts"], record["curve"][step]["fake_counts"]
