@@ -9,6 +9,7 @@ README's commands and the benchmarks' on the second core (in_background).
 """
 import argparse
 import copy
+import glob
 import hashlib
 import json
 import math
@@ -1378,6 +1379,25 @@ def test_toy_ceiling_fits_the_teachers_samples(tiny, tmp_path):
     assert not (tmp_path / "out").exists()  # the ceiling writes nothing
 
 
+def test_toy_ceiling_anneals_only_when_asked(tiny, tmp_path, monkeypatch):
+    """The regression baseline runs at the student's lr held constant (as its records were made), whatever the
+    student's --lr_schedule; with anneal=True (bench.py toy --ceiling_anneal) it follows --lr_schedule linear as
+    wadi.train_step sets it for the student: lr (1 - step / steps) at each update."""
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tiny, low_cpu_mem_usage=False)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(toy_problem.TOY_PROMPTS) + "\n")
+    argv = ["--pretrained_model_name_or_path", tiny, "--prompts", str(prompts), "--output_dir", str(tmp_path / "out"),
+            "--max_train_steps", "4", "--train_batch_size", "2", "--student_rank", "4", "--learning_rate", "1e-2",
+            "--lr_schedule", "linear"]
+    seen, update = [], wadi.update
+    monkeypatch.setattr(wadi, "update", lambda loss, params, opt, *a: seen.append(opt.param_groups[0]["lr"]) or update(loss, params, opt, *a))
+    for anneal, lrs in ((False, [1e-2] * 4), (True, [1e-2, 7.5e-3, 5e-3, 2.5e-3])):
+        seen.clear()
+        toy.toy_ceiling(pipe, argv, n=1, anneal=anneal)
+        assert seen == pytest.approx(lrs)
+
+
 def test_direction_vs_norm_closed_form():
     """bench.py toy's Fig. 1 measurement: rows turned by an angle a keep their norm (NM 0) and change direction by
     1 - cos a (DM, in percent); rows doubled change norm by 100% and no direction. All rows turned alike make a
@@ -1428,7 +1448,7 @@ def test_toy_table_rebuilds_from_the_records(tmp_path, capsys):
     assert "the runs' teachers differ" in printed and "sha256 4567ef01: 25-step (CFG 1.5) precision 0.990" in printed
     row = next(line for line in printed.splitlines() if line.startswith("| exact-attention-1000-seed1 "))
     assert row.split(" | ")[1] == "4567" and row.split(" | ")[11] == "0.25*"
-    assert "* the ceiling was fitted on the teacher with sha256 0123abcd, not the run's" in printed
+    assert "* the regression baseline was fitted on the teacher with sha256 0123abcd, not the run's" in printed
 
 
 def test_toy_scored_record_is_not_rerun(tmp_path, monkeypatch, capsys):
@@ -1481,26 +1501,62 @@ def test_toy_runs_end_to_end(tmp_path, capsys, monkeypatch):
 
 def test_docs_toy_tables_rebuild_from_the_records(tmp_path, capsys):
     """Every `bench.py toy ... --table` command of docs/ runs as written on the records in git (no run, no teacher)
-    and prints rows; the precision and FD of docs/adapters.md's Table 2 (seed 0 / seed 1) are the records' own."""
+    and prints rows. docs/adapters.md's Table 2 is the records' own, row by row (adapter, seed, teacher build):
+    precision with its binomial standard error, balance with its, FD, NM and DM; and so is the README's toy table:
+    teacher, VSD alone and the details recipe (precision / balance), and the regression baselines."""
     commands = [shlex.split(line.split(" # ")[0])[2:] for doc in ("docs/adapters.md", "docs/details.md")
                 for b in readme_blocks("bash", doc) for line in b.splitlines() if "bench.py toy" in line and "--table" in line]
     assert len(commands) >= 3
     for argv in commands:
         toy.main(["--out", str(tmp_path), *argv])
         assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| exact-")], argv
+    records = os.path.join(HERE, "benchmarks", "records")
+    read = lambda path: json.loads(doc_text(os.path.relpath(path, HERE)))
+    by_build = {}  # (run, seed, teacher build) -> record, over every records folder
+    for path in glob.glob(os.path.join(records, "**", "toy-details0.55-seed*", "wadi-exact-attention-2000-*.json"), recursive=True):
+        r = read(path)
+        seed = path.split("toy-details0.55-seed")[1].split(os.sep)[0]
+        by_build[(os.path.basename(path)[len("wadi-exact-attention-2000-"):-len(".json")], seed, r.get("teacher_sha", "")[:4])] = r
     runs = {"LoRaD, 3e-3": "learning_rate3e-3", "LoRA, 1e-3": "adapterlora-learning_rate1e-3",
             "DoRA, 1e-3": "adapterdora-learning_rate1e-3", "full fine-tuning, 1e-4": "adapterfull-learning_rate1e-4"}
     table = doc_text("docs/adapters.md").split("## Table 2 on the toy")[1].split("\n## ")[0]
     header = next(line for line in table.splitlines() if line.startswith("| adapter, lr"))[2:-2].split(" | ")
+    seen = set()
     for line in table.splitlines():
-        cells = [c.replace("*", "") for c in line[2:-2].split(" | ")]
-        if cells[0] in runs:
-            records = [json.loads(doc_text(f"benchmarks/records/toy-details0.55-seed{seed}/wadi-exact-attention-2000-"
-                                           f"{runs[cells[0]]}.json")) for seed in (0, 1)]
-            assert cells[header.index("precision s0 / s1")] == " / ".join(f"{r['scores']['precision']:.2f}" for r in records)
-            assert cells[header.index("FD s0 / s1")] == " / ".join(f"{r['scores']['fd']:.1f}" for r in records)
-            del runs[cells[0]]
-    assert not runs  # every adapter has its row
+        cells = dict(zip(header, (c.replace("*", "") for c in line[2:-2].split(" | "))))
+        if cells["adapter, lr"] in runs:
+            seed, build = re.fullmatch(r"(\d) \(`(\w{4})`\)", cells["seed (teacher)"]).groups()
+            r = by_build[(runs[cells["adapter, lr"]], seed, build)]
+            (se_p, se_b), s, lin = toy_table.standard_errors(r), r["scores"], r["change"]["Linear"]
+            assert cells["precision (SE)"] == f"{s['precision']:.2f} ({se_p:.3f})"
+            assert cells["balance (min) (SE)"] == f"{min(s['balance']):.2f}" + (f" ({se_b:.2f})" if se_b > 0 else "")
+            assert cells["FD"] == f"{s['fd']:.1f}" and cells["coverage"] == f"{s['coverage']:.2f}"
+            assert cells["NM %"] == f"{lin['nm']:.3f}" and cells["DM % (1 - cos)"] == f"{lin['dm']:.3f}"
+            seen.add((cells["adapter, lr"], seed))
+    assert seen == {(adapter, seed) for adapter in runs for seed in "01"}  # every adapter on both seeds
+    # the README's toy table
+    pb = lambda s: f"{s['precision']:.2f} / {min(s['balance']):.2f}"
+    record = lambda name: read(os.path.join(records, f"{name}.json"))
+    places = [record(f"toy-seed0/wadi-exact-attention-2000{flags}")
+              for flags in ("", "-student_rank64-regression_weight1-fake_updates3")]
+    recipe = [record(f"samples1024/toy-details0.55-seed{seed}/wadi-exact-attention-2000-learning_rate3e-3-student_rank64"
+                     "-regression_weight1-fake_updates3") for seed in (0, 1)]
+    alone = [record(f"teacher-rebuilt/toy-details0.55-seed{seed}/wadi-exact-attention-2000-learning_rate3e-3") for seed in (0, 1)]
+    assert places[0]["teacher_sha"] == places[1]["teacher_sha"]
+    assert [r["teacher_sha"] for r in alone] == [r["teacher_sha"] for r in recipe]  # each seed on one teacher build
+    section = doc_text("README.md").split("## Does it distill?")[1].split("\n## ")[0]
+    rows = {cells[0]: cells[1:] for cells in ([c.replace("*", "") for c in line[2:-2].split(" | ")]
+                                             for line in section.splitlines() if line.startswith(("| places", "| details")))}
+    assert rows["places, seed 0"][:3] == [pb(places[0]["teacher"]), pb(places[0]["scores"]), pb(places[1]["scores"])]
+    fits = {}  # the regression baselines on the details toy's rebuilt teachers, by adapter
+    for path in (glob.glob(os.path.join(records, "toy-details0.55-seed*", "ceiling-*.json"))
+                 + glob.glob(os.path.join(records, "samples1024", "toy-details0.55-seed*", "ceiling-*.json"))):
+        fits.setdefault(re.search(r"-adapter([a-z]+)-", path).group(1), []).append(read(path)["scores"]["precision"])
+    lorad = fits.pop("lorad")
+    assert rows["details, seed 0; seed 1"] == ["; ".join(pb(r["teacher"]) for r in recipe), "; ".join(pb(r["scores"]) for r in alone),
+                                               "; ".join(pb(r["scores"]) for r in recipe),
+                                               f"LoRaD {min(lorad):.2f}-{max(lorad):.2f}, " + ", ".join(
+                                                   f"{name} {fits[a][0]:.2f}" for a, name in (("lora", "LoRA"), ("dora", "DoRA"), ("full", "full")))]
 
 
 def test_toy_ceiling_goes_to_the_runs_that_share_it(tmp_path):

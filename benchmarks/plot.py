@@ -1,4 +1,5 @@
 """Line plots as PNG files with Pillow alone (it comes with diffusers): the curves that docs/ shows."""
+import itertools
 
 
 def line_plot(path, panels):
@@ -20,7 +21,7 @@ def line_plot(path, panels):
             d.text((5, Y(y) - 5), f"{y:.1f}", fill="black")
         d.text((W // 2 - 40, k * H + H - pad + 10), f"training step (0..{max(xs)})", fill="black")
         d.text((pad, k * H + 10), title, fill="black")
-        colours = iter(["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f",
+        colours = itertools.cycle(["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f",
                         "#bcbd22", "#17becf", "#000000", "#aec7e8", "#98df8a", "#ff9896"])
         for i, (name, ys) in enumerate([*series.items(), *levels.items()]):  # a series' ys: (its xs, its ys)
             c = next(colours)

@@ -1,11 +1,12 @@
 """Does wadi.py turn a multi-step teacher into a one-step generator? A toy with a known answer.
 
     python bench.py toy [--seed 1] [--toy_unet tiny] [-- more wadi.py flags]
-    python bench.py toy --ceiling_only --steps 4000 -- --learning_rate 3e-3   # the regression ceiling alone
+    python bench.py toy --ceiling_only --steps 4000 -- --learning_rate 3e-3   # the regression baseline alone
     python bench.py toy --toy_modes details --table 'exact-attention-2000-.*'  # a table from the records, no run
 
 A conditional distribution whose modes are known exactly, a small teacher trained on it (cached), wadi.py's own
-command line, and scores in latent space against the known modes, beside the regression ceiling.
+command line, and scores in latent space against the known modes and the 25-step teacher, beside a regression
+baseline (the student fitted straight to the teacher's 25-step samples, at a constant lr unless --ceiling_anneal).
 """
 import argparse
 import contextlib
@@ -48,7 +49,8 @@ def train_toy_teacher(path, modes, steps, target="exact", unet_kind="tiny", batc
     remove that variance, and 1/abar_t (the error of a v-prediction) makes t ~ 999 count as much as it matters.
     target 'noise': eq. (1) as SD was trained (unweighted MSE to the sampled noise), the first toy's teacher.
     lr 3e-3 (decayed to 0) is what makes the one-step output blur-like: the off-span part of the attention UNet's
-    one-step error is 4.03 / 2.78 / 2.32 at lr 1e-3 / 2e-3 / 3e-3 (docs/toy.md); the first toys' teachers used 1e-3."""
+    one-step error is 4.03 / 2.78 / 2.32 at lr 1e-3 / 2e-3 / 3e-3 (benchmarks/records/LOG.md, 2026-11-25); the first
+    toys' teachers used 1e-3."""
     from diffusers import UNet2DConditionModel
     build_tiny_pipeline(path)
     tok, te, vae, unet, sched = wadi.load_pipeline_parts(path, torch.device("cpu"), torch.float32)
@@ -85,10 +87,10 @@ def train_toy_teacher(path, modes, steps, target="exact", unet_kind="tiny", batc
 TOY_RECIPE = ["--train_batch_size", "16", "--student_rank", "16", "--fake_rank", "4", "--learning_rate", "1e-3",
               "--fake_updates", "5", "--lr_schedule", "linear", "--fake_weighting", "none"]
 # The paper's recipe (wadi.py's defaults) with ranks and batch scaled down to the tiny UNet; the student's lr at 1e-3,
-# the one knob of the controlled runs that moved the student (docs/toy.md, "Why the student was slow"); 5 fake updates
-# per step, the student's lr annealed and eq. 12 unweighted, the knobs that slowed VSD's mode dropping (docs/toy.md,
-# "Why VSD drops modes"). 2000 steps (bench.py toy --steps): ~25 CPU-minutes. The details toy's modes need more, in
-# ~1.1x the time: -- --learning_rate 3e-3 --student_rank 64 --regression_weight 1 --fake_updates 3 (docs/details.md).
+# the one knob of the controlled runs that moved the student; 5 fake updates per step, the student's lr annealed and
+# eq. 12 unweighted, the knobs that slowed VSD's mode dropping (docs/toy.md; the runs: benchmarks/records/LOG.md).
+# 2000 steps (bench.py toy --steps): ~30 CPU-minutes. It drifts between a prompt's modes; DMD's regression keeps them:
+# -- --learning_rate 3e-3 --student_rank 64 --regression_weight 1 --fake_updates 3 on the details toy (docs/details.md).
 
 
 def lorad_from(teacher, path, layers):
@@ -117,13 +119,16 @@ def student_from(teacher, ckpt):
     return student.eval()
 
 
-def toy_ceiling(pipe, wadi_argv, n=384):
-    """The regression ceiling, the easiest one-step target there is: wadi.py's own student (wadi.setup on the distillation's command line: the
+def toy_ceiling(pipe, wadi_argv, n=384, anneal=False):
+    """A regression baseline (constant lr): wadi.py's own student (wadi.setup on the distillation's command line: the
     same adapter, rank, initial angles, AdamW, clipping, batch and steps) fitted straight onto the teacher's 25-step
-    samples (DDIM, the recipe's CFG) from the same noise, instead of by VSD. No one-step target is easier: where
-    VSD comes near it, what is left is the student's reach, not VSD. But the fit sees n noises per prompt, VSD fresh
-    noise every step: with too few the fit learns the pairs, not the map (its MSE on held-out noise says so). Returns
-    the fitted student and its mean squared error to the targets before and after (EMA, if any, is left out)."""
+    samples (DDIM, the recipe's CFG) from the same noise, instead of by VSD, and read at its last step. The fit runs
+    at the student's --learning_rate held constant: the student's --lr_schedule is applied only with anneal=True
+    (linear: to 0 over the steps, as wadi.train_step anneals the student). It is a lower bound on what this adapter
+    at this lr and budget makes of the one-step map, not a bound on the map: a bound needs several adapters, ranks and
+    lrs converging to one value. The fit sees n noises per prompt, VSD fresh noise every step: with too few the fit
+    learns the pairs, not the map (its MSE on held-out noise says so). Returns the fitted student and its mean squared
+    error to the targets before and after (EMA, if any, is left out)."""
     from diffusers import DDIMScheduler
     run = wadi.setup(wadi.parse_args(wadi_argv))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -137,7 +142,9 @@ def toy_ceiling(pipe, wadi_argv, n=384):
             return F.mse_loss(wadi.one_step(run.student, z[i], cond[i], run.abar), target[i])
     with torch.no_grad():
         before = fit(slice(None)).item()
-    for _ in range(run.max_steps):
+    for step in range(run.max_steps):
+        if anneal and run.args.lr_schedule == "linear":  # as wadi.train_step sets the student's lr
+            run.opt_s.param_groups[0]["lr"] = run.args.learning_rate * (1 - step / run.max_steps)
         loss = fit(torch.randint(len(z), (run.args.train_batch_size,), generator=g))
         wadi.update(loss, run.student_params, run.opt_s, run.scaler_s, run.world)
     with torch.no_grad():
@@ -145,14 +152,16 @@ def toy_ceiling(pipe, wadi_argv, n=384):
 
 
 def ceiling_key(wadi_argv):
-    """What the ceiling depends on: the student's flags alone, so runs that change only the fake or the loss share it."""
+    """What the regression baseline depends on: the student's flags alone, so runs that change only the fake or the
+    loss share it (the key names the student's lr_schedule; the fit follows it only with --ceiling_anneal)."""
     a = wadi.parse_args(wadi_argv)
     return [f"{k}{getattr(a, k)}" for k in ("adapter", "student_rank", "learning_rate", "lr_schedule", "train_batch_size",
                                             "max_train_steps", "guidance_scale", "seed")]
 
 
 def share_ceiling(records, teacher, key, scores):
-    """A ceiling fitted after the runs it belongs to (--no_ceiling, then --ceiling_only) goes into their records."""
+    """A regression baseline fitted after the runs it belongs to (--no_ceiling, then --ceiling_only) goes into their
+    records (under the key "ceiling")."""
     for path in glob.glob(os.path.join(records, "wadi-*.json")):
         with open(path) as f:
             record = json.load(f)
@@ -279,23 +288,25 @@ def bench_toy(args):
     pipe.scheduler = DDIMScheduler.from_config(config)
     rows["teacher, 25 DDIM steps, no CFG"] = toy_scores(toy_samples(pipe, 25, 1.0, n), modes)
     rows["teacher, 25 DDIM steps, CFG 1.5"] = toy_scores(teacher_x0 := toy_samples(pipe, 25, 1.5, n), modes)
-    # a ceiling fitted to other than the default targets is its own, and shared with no run (share_ceiling)
-    key = ceiling_key(cmd[2:]) + ([] if args.ceiling_targets == 384 else [f"targets{args.ceiling_targets}"])
+    # a baseline fitted to other than the default targets, or annealed, is its own, and shared with no run (share_ceiling)
+    key = (ceiling_key(cmd[2:]) + ([] if args.ceiling_targets == 384 else [f"targets{args.ceiling_targets}"])
+           + (["annealed"] if args.ceiling_anneal else []))
     ceiling = os.path.join(records, f"ceiling-{tag}-{'-'.join(key)}.json")
     if not cached(ceiling, key) and (args.ceiling or args.ceiling_only):
         t0 = time.time()
         pipe.unet, before, after = toy_ceiling(pipe, [*cmd[2:], "--output_dir", os.path.join(out, "unused")],
-                                                args.ceiling_targets)
+                                                args.ceiling_targets, args.ceiling_anneal)
         pipe.scheduler = one_step
         x = toy_samples(pipe, 1, 0, n)  # the scores' noise, not the fit's: its MSE to the 25-step samples is held out
-        json.dump(dict(cmd=key, minutes=(time.time() - t0) / 60, mse=[before, after, F.mse_loss(x, teacher_x0).item()],
+        json.dump(dict(cmd=key, minutes=(time.time() - t0) / 60, samples=n, mse=[before, after, F.mse_loss(x, teacher_x0).item()],
                        scores=dict(toy_scores(x, modes), teacher_sha=weights_sha(teacher))), open(ceiling, "w"))
         share_ceiling(records, teacher, key, cached(ceiling, key)["scores"])
     fit = cached(ceiling, key) or dict(scores=dict(precision=math.nan, coverage=math.nan, adherence=math.nan))
     if "mse" in fit:
-        print(f"regression ceiling: the student fitted to 25-step samples, MSE {fit['mse'][0]:.3f} -> {fit['mse'][1]:.3f}"
+        baseline = f"regression baseline ({'annealed' if args.ceiling_anneal else 'constant lr'})"
+        print(f"{baseline}: the student fitted to 25-step samples, MSE {fit['mse'][0]:.3f} -> {fit['mse'][1]:.3f}"
               + (f" (on held-out noise: {fit['mse'][2]:.3f})" if len(fit["mse"]) > 2 else ""))
-        rows[f"student fitted to the 25-step samples ({S} steps, {fit['minutes']:.1f} min): the ceiling"] = fit["scores"]
+        rows[f"{baseline}, the student fitted to the 25-step samples ({S} steps, {fit['minutes']:.1f} min)"] = fit["scores"]
     if not args.ceiling_only:
         exported = StableDiffusionPipeline.from_pretrained(os.path.join(student, "pipeline"), low_cpu_mem_usage=False)
         rows[f"wadi student, 1 step ({S} steps, {cached(done)['minutes']:.1f} min)"] = toy_scores(toy_samples(exported, 1, 0, n), modes)
@@ -317,8 +328,8 @@ def bench_toy(args):
     student_row = list(rows.values())[-1]
     print("student / 25-step teacher (CFG 1.5): " + ", ".join(
         f"{k} {ratio(student_row[k], goal[k]):.2f}x" for k in ("precision", "coverage", "adherence")) + " (goal >= 0.9x)")
-    if "mse" in fit:  # a ceiling was fitted
-        print("student / regression ceiling: " + ", ".join(
+    if "mse" in fit:  # a regression baseline was fitted
+        print("student / regression baseline: " + ", ".join(
             f"{k} {ratio(student_row[k], fit['scores'][k]):.2f}x" for k in ("precision", "coverage", "adherence")))
     # over training: every checkpoint's student through the pipeline, and the diagnostics of toy_diagnostics
     # and the fake model's own samples (25 DDIM steps, no CFG: its estimate of the student's distribution), per mode:
@@ -333,7 +344,7 @@ def bench_toy(args):
         fake_counts[step] = toy_scores(toy_samples(pipe, 25, 1.0, min(n, 64)), modes)["counts"]
         diag[step] = toy_diagnostics(teacher, ckpt, modes, 1.5, previous)
         previous = diag[step].pop("x0")
-    # the record the table is rebuilt from (bench.py toy --table): scores, the curve, the ceiling, the weight change
+    # the record the table is rebuilt from (bench.py toy --table): scores, the curve, the regression baseline, the weight change
     teacher_unet, final = (UNet2DConditionModel.from_pretrained(p, subfolder="unet", low_cpu_mem_usage=False)
                            for p in (teacher, os.path.join(student, "pipeline")))
     (trained,) = glob.glob(os.path.join(student, "student_*.safetensors"))
@@ -364,7 +375,7 @@ def bench_toy(args):
         ("precision of the one-step student (share of samples within tau of a mode)", steps,
          {"student, 1 step": [v["precision"] for v in curve.values()]},
          {"25-step teacher, CFG 1.5": goal["precision"], "0.9x of it (goal)": 0.9 * goal["precision"],
-          "regression ceiling": fit["scores"]["precision"]}),
+          "regression baseline": fit["scores"]["precision"]}),
         ("mean distance of a sample to its nearest mode", steps,
          {"student, 1 step": [v["dist"] for v in curve.values()],
           "its part off the modes' span": [v["off"] for v in curve.values()]},
@@ -380,7 +391,7 @@ def main(argv=None):
     p.add_argument("--teacher_target", choices=["exact", "noise"], default="exact",
                    help="exact: E[eps | x_t, c] with v-space weights; noise: eq. (1), the first toy's teacher")
     p.add_argument("--toy_unet", choices=list(TOY_UNETS), default="attention", help="the teacher's UNet (TOY_UNETS)")
-    p.add_argument("--steps", type=int, default=2000, help="wadi.py steps (~25 CPU-minutes)")
+    p.add_argument("--steps", type=int, default=2000, help="wadi.py steps (~30 CPU-minutes)")
     p.add_argument("--toy_modes", choices=["places", "details"], default="places",
                    help="places: modes far apart (the first toys); details: a shared layout, modes differ in a detail")
     p.add_argument("--toy_detail", type=float, default=0.55, help="details: the detail's norm / the layout's (0.55: closest modes ~9.4 apart)")
@@ -389,11 +400,14 @@ def main(argv=None):
     p.add_argument("--records", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "records"),
                    help="the runs' records (commands, scores, curves) that --table reads")
     p.add_argument("--no_ceiling", dest="ceiling", action="store_false",
-                   help="skip the regression ceiling unless cached (it costs ~9 CPU-minutes per 1000 steps)")
+                   help="skip the regression baseline unless cached (it costs ~9 CPU-minutes per 1000 steps)")
     p.add_argument("--ceiling_only", action="store_true",
-                   help="no distillation: fit and score the regression ceiling of these steps and student flags alone")
+                   help="no distillation: fit and score the regression baseline of these steps and student flags alone")
     p.add_argument("--ceiling_targets", type=int, default=384,
-                   help="per prompt, the 25-step samples the ceiling is fitted to (~4 CPU-minutes per 384 to sample)")
+                   help="per prompt, the 25-step samples the regression baseline is fitted to (~4 CPU-minutes per 384 to sample)")
+    p.add_argument("--ceiling_anneal", action="store_true",
+                   help="fit the regression baseline at the student's --lr_schedule (linear: annealed to 0, as the "
+                        "student is), not a constant lr; its record is its own (its name ends in '-annealed')")
     p.add_argument("--table", nargs="*", help="no run: the table and plot of this toy's cached runs whose names "
                    "match one of these regular expressions (none: all)")
     p.add_argument("wadi_args", nargs="*", help="more wadi.py flags, after --")

@@ -1,5 +1,6 @@
 """The toy's records as tables: bench.py toy --table, and the weight change it reports (the paper's Fig. 1 and
-Table 2 columns) between the teacher and a distilled student."""
+Table 2 columns) between the teacher and a distilled student. A record's "ceiling" is its regression baseline: the
+student fitted straight to the teacher's 25-step samples at a constant lr (benchmarks/toy.py, toy_ceiling)."""
 import glob
 import hashlib
 import json
@@ -51,6 +52,49 @@ def weights_sha(model_dir):
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
+def samples_per_prompt(record):
+    """The samples per prompt a record was scored on: its own count, else that of its per-mode nearest counts, else 256
+    (bench.py toy's default when the records without either were made)."""
+    nearest = record["scores"].get("nearest")
+    return record.get("samples") or (sum(nearest[0]) if nearest else 256)
+
+
+def standard_errors(record):
+    """Binomial standard errors of a record's precision and smallest balance. Precision is a share of the n x prompts
+    samples drawn: sqrt(p (1 - p) / (n P)). A prompt's balance is M x its smallest mode's share s of its N precise
+    samples: M sqrt(s (1 - s) / N), at the prompt with the smallest balance (the smallest of several noisy shares
+    also reads low; this leaves that bias out, and is 0 where a mode is empty). NaN where the counts are missing."""
+    s = record["scores"]
+    if "counts" not in s:
+        return math.nan, math.nan
+    n, p = samples_per_prompt(record) * len(s["counts"]), s["precision"]
+    counts = s["counts"][min(range(len(s["balance"])), key=lambda j: s["balance"][j])]
+    share, N = (min(counts) / sum(counts), sum(counts)) if sum(counts) else (math.nan, 1)
+    return math.sqrt(p * (1 - p) / n), len(counts) * math.sqrt(share * (1 - share) / N)
+
+
+def baselines_table(records):
+    """The regression baselines recorded in `records` (ceiling-*.json: the student fitted straight to the teacher's
+    25-step samples, constant lr unless the name ends in -annealed), one row each, with their standard errors."""
+    paths = sorted(glob.glob(os.path.join(records, "ceiling-*.json")))
+    if not paths:
+        return
+    print("\nregression baselines (the student fitted to the teacher's 25-step samples; constant lr, last iterate, unless "
+          "'annealed'):")
+    print("| baseline | teacher | samples per prompt | minutes | precision | SE | coverage | balance (min) | SE "
+          "| FD to data | MSE to the targets: start / fitted / held out |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        with open(path) as f:
+            r = json.load(f)
+        s, (se_p, se_b) = r["scores"], standard_errors(r)
+        # the file name less the teacher's tag and the student's lr_schedule (the fit's own: '-annealed' or not)
+        name = re.sub(r"-lr_schedule[a-z]+", "", os.path.basename(path)[len("ceiling-"):-len(".json")].split("-", 2)[2])
+        print(f"| {name} | {s.get('teacher_sha', '-')[:4]} "
+              f"| {samples_per_prompt(r)} | {r['minutes']:.0f} | {s['precision']:.3f} | {se_p:.3f} | {s['coverage']:.2f} "
+              f"| {min(s['balance']):.2f} | {se_b:.2f} | {s['fd']:.1f} | {' / '.join(f'{m:.3f}' for m in r.get('mse', []))} |")
+
+
 def ratio_text(change, what):  # DM or angle over NM; LoRaD keeps each row's norm, up to fp32 rounding
     return f"{change[what] / change['nm']:.1f}" if change["nm"] > 1e-4 else "norms kept"
 
@@ -74,14 +118,15 @@ def toy_table(records, match, plot):
           + "; ".join(f"sha256 {sha}: 25-step (CFG 1.5) precision {t['precision']:.3f}, balance {min(t['balance']):.3f}, "
                       f"precise samples per mode {t.get('counts', '-')}" for sha, t in teachers.items()))
     print("| run | teacher | trainable | steps | minutes | precision | coverage | adherence | balance (min) | / teacher's | FD to data "
-          "| ceiling precision | / ceiling | NM % | DM % | DM/NM | angle % | angle/NM | top 30% of direction change "
-          "| conv NM / DM / angle % |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| regression baseline (constant lr) precision | / baseline | NM % | DM % | DM/NM | angle % | angle/NM "
+          "| top 30% of direction change | conv NM / DM / angle % | samples per prompt | precision SE | balance SE |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     others = set()
     for name, r in runs.items():
         s, c, lin, conv = r["scores"], r["ceiling"], r["change"]["Linear"], r["change"]["Conv2d"]
         sha = r.get("teacher_sha", "-")
-        other = "*" if c.get("teacher_sha", sha) != sha else ""  # a ceiling fitted on another build of the teacher
+        other = "*" if c.get("teacher_sha", sha) != sha else ""  # a baseline fitted on another build of the teacher
+        se_p, se_b = standard_errors(r)
         others |= {c["teacher_sha"]} if other else set()
         print(f"| {name} | {sha[:4]} | {r['params'] / 1e3:.0f}k | {r['steps']} | {r['minutes']:.0f} | {s['precision']:.2f} "
               f"| {s['coverage']:.2f} | {s['adherence']:.2f} | {min(s['balance']):.2f} "
@@ -89,9 +134,11 @@ def toy_table(records, match, plot):
               + (f"| {c['precision']:.2f}{other} | {ratio(s['precision'], c['precision']):.2f}x " if math.isfinite(c["precision"])
                  else "| - | - ") + f"| {lin['nm']:.3f} "
               f"| {lin['dm']:.3f} | {ratio_text(lin, 'dm')} | {lin['angle']:.2f} | {ratio_text(lin, 'angle')} | {lin['top30']:.2f} "
-              f"| {conv['nm']:.3f} / {max(conv['dm'], 0):.3f} / {conv['angle']:.2f} |")  # 1 - cos rounds to -1e-17
+              f"| {conv['nm']:.3f} / {max(conv['dm'], 0):.3f} / {conv['angle']:.2f} "  # 1 - cos rounds to -1e-17
+              f"| {samples_per_prompt(r)} | {se_p:.3f} | {se_b:.2f} |")
     if others:
-        print(f"* the ceiling was fitted on the teacher with sha256 {', '.join(sorted(others))}, not the run's")
+        print(f"* the regression baseline was fitted on the teacher with sha256 {', '.join(sorted(others))}, not the run's")
+    baselines_table(records)
     goal = next(iter(teachers.values()))
     os.makedirs(os.path.dirname(plot) or ".", exist_ok=True)
     line_plot(plot, [("precision of the one-step student over training", None,
