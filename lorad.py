@@ -5,7 +5,7 @@ LoRaD: Low-rank Rotation of weight Direction (WaDi, CVPR 2026, arXiv 2603.08258)
     >>> names = add_lorad(unet, rank=256, include=("down_blocks", "mid_block", "up_blocks"))
     >>> opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
     >>> # ...train as usual: only the angles theta_a / theta_b require grad...
-    >>> with reuse_rotations(unet):                      # optional: W' formed once, not in every call
+    >>> with reuse_rotations(unet):                      # optional: W' formed once per step, not in every call
     >>>     ...forward, backward, opt.step()...
     >>> torch.save(lorad_state_dict(unet), "lorad.pt")  # adapter only: <module>.theta_a / .theta_b
     >>> merge_lorad(unet)                                # plain nn.Linear again, stock state-dict keys
@@ -25,6 +25,7 @@ import contextlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # -----------------------------------------------------------------------------
 # the rotation itself
@@ -61,24 +62,26 @@ def rotate(weight, theta):
 # -----------------------------------------------------------------------------
 # the memory-light training path
 
-_reuse = {}  # id(theta_a) -> (dtype, W', bias) in that dtype, for layers inside reuse_rotations() (None: not formed)
-
 
 @contextlib.contextmanager
 def reuse_rotations(model):
-    """Inside the block, each LoRaD layer of `model` forms W' (and casts its bias) once, for all its calls and its
-    backward, instead of in each (~6 GPU kernel launches). Yields forget(): call it once the angles changed (an
-    optimizer step). Costs one W' per layer, in the matmul's dtype, held until the block ends."""
-    ids = [id(m.theta_a) for _, m in _lorad_modules(model)]
+    """Inside the block, each LoRaD layer of `model` forms W' (and casts its bias) once per value of its angles, not
+    in each call and backward (~6 GPU kernel launches): a step of an optimizer that holds them makes it form W' anew.
+    Angles changed otherwise (loaded, edited) need the block left. Holds one W' per layer, in the matmul's dtype."""
+    layers = {id(m.theta_a): m for _, m in _lorad_modules(model)}  # no other tensor has these ids while they hold them
 
-    def forget():  # None: not formed yet
-        _reuse.update(dict.fromkeys(ids))
-    forget()
-    try:
-        yield forget
-    finally:
-        for i in ids:
-            _reuse.pop(i, None)
+    def forget(optimizer, *_):  # after every optimizer's step (fused ones do not bump the angles' _version)
+        if any(id(p) in layers for group in optimizer.param_groups for p in group["params"]):
+            for m in layers.values():
+                m._reuse.clear()
+    for m in layers.values():
+        m._reuse = {}  # the matmul's dtype -> (W', bias) in it
+    with register_optimizer_step_post_hook(forget):  # removed at the block's end
+        try:
+            yield
+        finally:
+            for m in layers.values():
+                m._reuse = None
 
 
 def _autocast_dtype(device):
@@ -87,19 +90,15 @@ def _autocast_dtype(device):
     return torch.get_autocast_dtype(device) if on else None
 
 
-def _rotated(key, weight, bias, theta_a, theta_b, dtype):
+def _rotated(reuse, weight, bias, theta_a, theta_b, dtype):
     """W' = rotate(W, theta_a @ theta_b) in fp32 (autocast would round theta) and the bias, cast to the matmul's
-    `dtype`. key: id() of the theta_a Parameter (backward's saved copy may be another Python object)."""
-    cached = _reuse.get(key) if _reuse else None
-    if cached is not None and cached[0] == dtype:
-        return cached[1:]
-    device = weight.device.type
-    with torch.autocast(device, enabled=False) if _autocast_dtype(device) else contextlib.nullcontext():
-        w_rot = rotate(weight, theta_a @ theta_b).to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    if _reuse and key in _reuse:
-        _reuse[key] = (dtype, w_rot, bias)
-    return w_rot, bias
+    `dtype`; kept in `reuse`, the layer's dict inside reuse_rotations() (else None)."""
+    reuse = {} if reuse is None else reuse
+    if dtype not in reuse:
+        device = weight.device.type
+        with torch.autocast(device, enabled=False) if _autocast_dtype(device) else contextlib.nullcontext():
+            reuse[dtype] = rotate(weight, theta_a @ theta_b).to(dtype), None if bias is None else bias.to(dtype)
+    return reuse[dtype]
 
 
 class _LoRaDFunction(torch.autograd.Function):
@@ -109,16 +108,16 @@ class _LoRaDFunction(torch.autograd.Function):
     them are cheap to recompute from the parameters, so backward forms W' again (or reuses it: reuse_rotations)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, theta_a, theta_b):
+    def forward(ctx, x, weight, bias, theta_a, theta_b, reuse):
         x = x.to(_autocast_dtype(x.device.type) or x.dtype)  # under autocast, the matmul in its dtype, as nn.Linear
         ctx.save_for_backward(x, weight, bias, theta_a, theta_b)
-        ctx.key = id(theta_a)
-        return F.linear(x, *_rotated(ctx.key, weight, bias, theta_a, theta_b, x.dtype))
+        ctx.reuse = reuse
+        return F.linear(x, *_rotated(reuse, weight, bias, theta_a, theta_b, x.dtype))
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, theta_a, theta_b = ctx.saved_tensors
-        w_rot, _ = _rotated(ctx.key, weight, bias, theta_a, theta_b, x.dtype)  # forward's W', in the matmul's dtype
+        w_rot, _ = _rotated(ctx.reuse, weight, bias, theta_a, theta_b, x.dtype)  # forward's W', in the matmul's dtype
         dy = dy.to(x.dtype)
         dx = dy @ w_rot if ctx.needs_input_grad[0] else None
         # G = dL/dW' is the weight-gradient GEMM a frozen Linear would skip: LoRaD's one real cost.
@@ -129,7 +128,7 @@ class _LoRaDFunction(torch.autograd.Function):
         dtheta = (g[..., 1] * w[..., 0]).addcmul_(g[..., 0], w[..., 1], value=-1)
         dw = rotate(G, -(theta_a @ theta_b)).to(weight.dtype) if ctx.needs_input_grad[1] else None  # W' = R W
         db = dy.flatten(0, -2).sum(0) if bias is not None and ctx.needs_input_grad[2] else None
-        return dx, dw, db, dtheta @ theta_b.T, theta_a.T @ dtheta
+        return dx, dw, db, dtheta @ theta_b.T, theta_a.T @ dtheta, None
 
 
 class LoRaDLinear(nn.Linear):
@@ -150,9 +149,10 @@ class LoRaDLinear(nn.Linear):
         self.theta_a = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=torch.float32))
         self.theta_b = nn.Parameter(torch.empty(rank, self.in_features // 2, device=device, dtype=torch.float32))
         nn.init.xavier_uniform_(self.theta_b)
+        self._reuse = None  # W' by dtype, inside reuse_rotations()
 
     def forward(self, x):
-        return _LoRaDFunction.apply(x, self.weight, self.bias, self.theta_a, self.theta_b)
+        return _LoRaDFunction.apply(x, self.weight, self.bias, self.theta_a, self.theta_b, self._reuse)
 
     def merged_weight(self):
         """The rotated weight, computed in fp32 and cast to the base dtype only at the end."""

@@ -137,7 +137,7 @@ def test_float64_gradcheck():
     from lorad import _LoRaDFunction
     w = m.weight.detach().requires_grad_(True)  # also checks dL/dW (rotation by -theta) and dL/db
     b = m.bias.detach().requires_grad_(True)
-    assert torch.autograd.gradcheck(_LoRaDFunction.apply, (x, w, b, m.theta_a, m.theta_b))
+    assert torch.autograd.gradcheck(_LoRaDFunction.apply, (x, w, b, m.theta_a, m.theta_b, None))  # None: no reuse
 
 
 def test_saves_only_input_and_parameters():
@@ -237,7 +237,37 @@ def test_reuse_rotations_forms_w_once_and_changes_nothing(autocast):
     assert (n_every, n_once) == (6, 2)  # 2 layers x (forward, recompute, backward), then 2 layers x 1
     for a, b in zip(every_time, once):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert lorad._reuse == {}
+    assert all(m._reuse is None for m in model.modules() if isinstance(m, LoRaDLinear))  # nothing held
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_reuse_rotations_follows_the_optimizer(fused):
+    """Forward, backward and opt.step() all inside the block, as one trains: the losses of 5 steps at lr 0.1 are
+    those of forming W' in every call, with W' formed once per layer and step (its value of the angles). Fused AdamW
+    changes the angles without bumping their version counters."""
+    import lorad
+    formed, rotate_ = [], lorad.rotate
+
+    def train(reuse):
+        model, x = small_lorad_mlp()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=fused)
+        formed.clear()
+        losses = []
+        with lorad.reuse_rotations(model) if reuse else contextlib.nullcontext():
+            for _ in range(5):
+                loss = model(x).square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+        return losses, len(formed)
+    lorad.rotate = lambda w, theta: formed.append(1) or rotate_(w, theta)
+    try:
+        (every_time, n_every), (once, n_once) = train(False), train(True)
+    finally:
+        lorad.rotate = rotate_
+    assert once == pytest.approx(every_time, rel=1e-6) and every_time[-1] < 0.9 * every_time[0]
+    assert (n_every, n_once) == (20, 10)  # 2 layers x 5 steps x (forward, backward), then x forward alone
 
 
 def test_odd_input_dim_is_a_clear_error():

@@ -9,6 +9,7 @@ README's commands and the benchmarks' on the second core (in_background).
 """
 import argparse
 import copy
+import gc
 import glob
 import hashlib
 import json
@@ -20,6 +21,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -222,6 +224,21 @@ def test_vsd_gradient_is_weighted_score_difference(tmp_path):
     assert loss.item() == pytest.approx(0.5 * ((1 - a) * diff).pow(2).mean().item(), rel=1e-4)
 
 
+def test_vsd_gradient_of_an_overflowed_score_is_not_finite():
+    """A score that overflowed (inf) leaves its entry of the gradient non-finite, so that update skips the step and
+    main counts it; not turned into a finite 3.4e38 / numel that the step would clip and take. The other entries
+    are eq. 11's (1 - abar_t)(eps_real - eps_fake) / numel."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps_real, eps_fake = (torch.randn(2, 4, 4, 4, generator=g) for _ in range(3))
+    eps_real[0, 1, 2, 3], abar_t = math.inf, torch.tensor([0.3, 0.8])
+    x0.requires_grad_()
+    wadi.vsd_loss(x0, x0.detach(), eps_real, eps_fake, abar_t).backward()
+    finite = x0.grad.isfinite()
+    assert finite.sum() == x0.numel() - 1 and not finite[0, 1, 2, 3]
+    expected = (1 - abar_t.view(-1, 1, 1, 1)) * (eps_real - eps_fake) / x0.numel()
+    torch.testing.assert_close(x0.grad[finite], expected[finite])
+
+
 def test_train_step_changes_only_adapters(tmp_path):
     """Step 1: the fake model equals the teacher (theta_a = 0 is an exact identity rotation), so eps_real ==
     eps_fake bitwise, the VSD gradient is exactly 0 and AdamW (no weight decay) leaves the student unchanged,
@@ -408,6 +425,20 @@ def test_ten_nan_steps_stop_the_run(tmp_path, monkeypatch):
     assert state["step"] == 10 and state["skipped"] == 8
 
 
+@pytest.mark.parametrize("fp16", [False, True])
+def test_overflowing_gradient_norm_skips_the_step(fp16):
+    """Finite gradients whose norm overflows (1e20 each: their sum of squares is inf in fp32) skip the step, as main
+    counts it (a non-finite norm): the parameters and AdamW's state unchanged, without GradScaler or with it (fp16).
+    The scaler's own check sees finite gradients; clipped by an infinite norm they are 0, and AdamW's momentum moves
+    the parameters all the same."""
+    params = [torch.nn.Parameter(torch.randn(100, generator=torch.Generator().manual_seed(0)))]
+    opt, scaler = torch.optim.AdamW(params, lr=0.1, fused=True), torch.amp.GradScaler("cpu", enabled=fp16)
+    assert math.isfinite(wadi.update(params[0].sum(), params, opt, scaler, 1))  # a first step: AdamW has momentum
+    before = clone({"param": params[0], **opt.state[params[0]]})
+    assert not math.isfinite(wadi.update(1e20 * params[0].sum(), params, opt, scaler, 1))
+    assert tensors_equal(before, clone({"param": params[0], **opt.state[params[0]]}))
+
+
 # -----------------------------------------------------------------------------
 # the remedies for VSD's drift between a prompt's modes (DMD, DMD2), each a flag, off by default
 
@@ -515,6 +546,23 @@ def run_main(out, *flags, steps=2):
                "--train_batch_size", "2", "--resolution", "32", "--max_train_steps", str(steps),
                "--checkpointing_steps", "1", "--validation_steps", "1000", "--validation_prompts", "a red fox",
                "--learning_rate", "1e-2", *flags])
+
+
+def test_last_step_is_checkpointed_and_rendered_once(tmp_path, monkeypatch):
+    """Every --checkpointing_steps and at the last step, so that a run extended later (latest, a larger
+    --max_train_steps) redoes no step; each checkpoint and each validation grid made once, the last step's too; and
+    log.jsonl closed (an unclosed file warns when it is collected)."""
+    saved, rendered, save, validate = [], [], wadi.save_checkpoint, wadi.validate
+    monkeypatch.setattr(wadi, "save_checkpoint", lambda run, step: saved.append(step) or save(run, step))
+    monkeypatch.setattr(wadi, "validate", lambda run, step: rendered.append(step) or validate(run, step))
+    flags = ["--student_rank", "4", "--fake_rank", "4", "--checkpointing_steps", "2", "--validation_steps", "3"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        run_main(tmp_path / "out", *flags, steps=3)
+        run_main(tmp_path / "out", *flags, "--resume_from_checkpoint", "latest", steps=4)  # resumes from the last step
+        gc.collect()
+    assert saved == [2, 3, 4] and rendered == [3, 4]
+    assert not [w for w in caught if "log.jsonl" in str(w.message)]  # the log was closed, by every run
 
 
 def pairs_from_docs(tmp_path, tiny):
@@ -649,7 +697,7 @@ def test_cli_writes_its_outputs(full_run):
     assert [r["step"] for r in logs] == [1, 2, 3, 4]
     for r in logs:
         assert {"loss_vsd", "loss_fake", "grad_norm_student", "grad_norm_fake", "lr", "fake_lr", "sec_per_step",
-                "img_per_sec", "peak_mem_gb", "skipped"} <= r.keys()
+                "img_per_sec", "peak_mem_gib", "skipped"} <= r.keys()
         assert r["lr"] == 1e-2 and r["fake_lr"] == 1e-2 and r["skipped"] == 0
         assert all(math.isfinite(v) for v in r.values())
     assert logs[0]["loss_vsd"] == 0 and logs[-1]["loss_vsd"] > 0  # fake == teacher at step 1 only
@@ -683,6 +731,39 @@ def test_resume_is_bitwise_identical(full_run, resumed_run):
     for r, s in zip(full, resumed):
         assert (r["loss_vsd"], r["loss_fake"], r["grad_norm_student"]) == (s["loss_vsd"], s["loss_fake"],
                                                                            s["grad_norm_student"])
+
+
+def resume_copy(full_run, out, *flags, cut_log=False):
+    """full_run's output as a kill while it wrote step 4 would leave it (no checkpoint-4; cut_log: step 4's line cut
+    half-way, else whole), resumed here from checkpoint-3 to step 4. Returns the log and step 4's line as it was."""
+    shutil.copytree(full_run, out, ignore=shutil.ignore_patterns("checkpoint-4"))
+    lines = (out / "log.jsonl").read_text().splitlines(keepends=True)
+    (out / "log.jsonl").write_text("".join(lines[:3]) + (lines[3][:len(lines[3]) // 2] if cut_log else lines[3]))
+    wadi.main([*RUN_ARGS, "--output_dir", str(out), "--train_batch_size", "2", "--max_train_steps", str(STEPS),
+               "--resume_from_checkpoint", "latest", *flags])
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()], json.loads(lines[3])
+
+
+def test_resume_drops_a_half_written_log_line(full_run, tmp_path):
+    """The cut line goes with the steps the resume redoes; step 4 is logged again, as it ran the first time."""
+    logs, first = resume_copy(full_run, tmp_path / "out", cut_log=True)
+    assert [r["step"] for r in logs] == [1, 2, 3, 4]
+    assert (logs[3]["loss_vsd"], logs[3]["grad_norm_student"]) == (first["loss_vsd"], first["grad_norm_student"])
+
+
+def test_resume_uses_the_learning_rates_given(full_run, tmp_path):
+    """Flags given at resume hold, as logged: step 4 at a tenth of full_run's lrs moves the student's angles by a
+    tenth of what it moved them in one go (AdamW's step: lr times a function of the same gradients)."""
+    out = tmp_path / "out"
+    logs, _ = resume_copy(full_run, out, "--learning_rate", "1e-3", "--fake_learning_rate", "1e-3")
+    assert [(r["lr"], r["fake_lr"]) for r in logs] == [(1e-2, 1e-2)] * 3 + [(1e-3, 1e-3)]
+    state = torch.load(out / "checkpoint-4" / "state.pt", weights_only=True)
+    assert [state[k]["param_groups"][0]["lr"] for k in ("opt_s", "opt_f")] == [1e-3, 1e-3]
+    before, one_go, resumed = (load_file(d / "student_lorad.safetensors")
+                               for d in (full_run / "checkpoint-3", full_run / "checkpoint-4", out / "checkpoint-4"))
+    for k in before:
+        torch.testing.assert_close(resumed[k] - before[k], 0.1 * (one_go[k] - before[k]), rtol=0, atol=1e-6)
+    assert max((one_go[k] - before[k]).abs().max() for k in before) > 1e-3
 
 
 def test_two_processes_equal_one(full_run, ddp_run):
@@ -873,11 +954,14 @@ def bad_input(case, tmp, tiny):
                    "guidance_scale_negative": ("--guidance_scale", "-1"),
                    "ema_decay_nan": ("--ema_decay", "nan"), "seed_beyond_64_bits": ("--seed", str(2**64)),
                    "fake_guidance_scale_nan": ("--fake_guidance_scale", "nan"),
-                   "regression_weight_negative": ("--regression_weight", "-1"), "adapter_unknown": ("--adapter", "qlora"),
+                   "adapter_unknown": ("--adapter", "qlora"),
+                   "regression_weight_without_pairs": ("--regression_weight", "1"),
                    "regression_pairs_missing": ("--regression_pairs", str(tmp / "no-pairs.safetensors")),
                    }.get(case, (None, None))
     if flag:
         return args + [flag, value], out
+    if case == "regression_weight_negative":  # refused before the pairs are read
+        return args + ["--regression_pairs", str(tmp / "pairs.safetensors"), "--regression_weight", "-1"], out
     if case.startswith("regression_pairs_"):  # a file that is not the pairs of this run (64 px: 8x8 latents)
         path, prompts = tmp / "pairs.safetensors", ["a", "b"]
         if case == "regression_pairs_not_safetensors":
@@ -889,6 +973,10 @@ def bad_input(case, tmp, tiny):
         elif case == "regression_pairs_fewer_prompts":
             save_pairs(path, 2, (4, 8, 8), prompts[:1])
         return args + ["--regression_pairs", str(path)], out
+    if case == "latest_beside_a_finished_run":  # no checkpoint-* (all removed, or the run was short), its outputs kept
+        (out / "pipeline").mkdir(parents=True)
+        (out / "log.jsonl").write_text('{"step": 2}\n')
+        return args + ["--resume_from_checkpoint", "latest"], out
     if case == "output_dir_has_checkpoints":
         (out / "checkpoint-2").mkdir(parents=True)
         (out / "checkpoint-2" / "state.pt").write_bytes(b"another run")
@@ -903,7 +991,8 @@ BAD_INPUTS = ["missing_prompts", "empty_prompts", "non_utf8_prompts", "model_pat
               "learning_rate_inf", "fake_learning_rate_negative", "guidance_scale_nan", "guidance_scale_negative",
               "ema_decay_nan", "seed_beyond_64_bits", "fake_guidance_scale_nan", "regression_weight_negative",
               "adapter_unknown", "regression_pairs_missing", "regression_pairs_not_safetensors",
-              "regression_pairs_wrong_shape", "regression_pairs_nan", "regression_pairs_fewer_prompts"]
+              "regression_pairs_wrong_shape", "regression_pairs_nan", "regression_pairs_fewer_prompts",
+              "latest_beside_a_finished_run", "regression_weight_without_pairs"]
 
 
 def assert_one_error_line(code, err):
@@ -945,6 +1034,29 @@ def test_trainable_tensors_per_adapter(tmp_path):
         assert sum(p.numel() for p in student.parameters() if p.requires_grad) == n, adapter  # and they alone train
         shared = {p.data_ptr() for p in run.teacher.parameters()} & {p.data_ptr() for p in student.parameters()}
         assert bool(shared) == (adapter != "full"), adapter
+
+
+@pytest.mark.parametrize("mixed_precision", ["bf16", "fp16"])
+def test_every_adapter_trains_in_mixed_precision(mixed_precision, tmp_path):
+    """Every trained tensor, and the EMA's, in fp32 whatever the base's dtype (peft makes LoRA's and DoRA's in the
+    base's: bf16 rounds Adam's steps of ~lr = 1e-4 away, and GradScaler cannot unscale fp16 gradients), and one step
+    moves nearly every entry of each. The student starts from non-zero tensors (at init LoRA's B and LoRaD's theta_a
+    are 0, which makes the other factor's gradient 0), the EMA equal to it; the fake differs from the teacher."""
+    g = torch.Generator().manual_seed(0)
+    for adapter in ("lorad", "lora", "dora", "full"):
+        run = make_run(tmp_path / adapter, "--adapter", adapter, "--mixed_precision", mixed_precision, "--ema_decay",
+                       "0.5", "--student_rank", "4", "--fake_rank", "4")
+        set_fake_angles(run)
+        with torch.no_grad():
+            for p in run.student_params:
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+        wadi.load_own(run.ema, run.teacher, wadi.own_tensors(run.student, run.teacher))
+        trained = run.student_params + run.fake_params + run.ema_params
+        assert {t.dtype for t in trained} == {torch.float32}, adapter
+        before = clone(dict(enumerate(trained)))
+        wadi.train_step(run, 0)
+        moved = [(t != before[i]).float().mean().item() for i, t in enumerate(trained)]
+        assert min(moved) > 0.9, (adapter, sorted(moved)[:3])
 
 
 BAD_CLI = ["missing_prompts", "v_prediction"]  # failing before the model loads, and while it loads
@@ -1002,12 +1114,15 @@ def test_readme_quick_start_and_sampling_snippet(quick_start_run):
     """The quick start's training command end to end, then the README's diffusers snippet on what it wrote."""
     (r, tmp_path), quick = quick_start_run, readme_quick_start()
     assert r.returncode == 0, r.stderr[-3000:]
-    # the start line the README shows, but for where the tiny model is cached
-    shown = [b for b in readme_blocks("") if b.startswith("wadi: ~/.cache/wadi/tiny-sd |")][0].splitlines()[0]
-    first = r.stdout.splitlines()[0]
-    assert first.startswith("wadi: ") and first.split(" | ", 1)[1] == shown.split(" | ", 1)[1], r.stdout[-3000:]
+    # the start line the README shows, but for where the tiny model is cached; the others, but for their numbers
+    shown = [b for b in readme_blocks("") if b.startswith("wadi: ~/.cache/wadi/tiny-sd |")][0].splitlines()
+    first, *lines = r.stdout.splitlines()
+    assert first.startswith("wadi: ") and first.split(" | ", 1)[1] == shown[0].split(" | ", 1)[1], r.stdout[-3000:]
+    form = lambda line: re.sub(r"\d[\d.e+-]*", "#", line.rsplit(" | ", 1)[1] if line.startswith("wadi: done") else line)
+    assert {form(line) for line in lines} == {form(line) for line in shown[1:]}, r.stdout[-3000:]
     steps = int(quick[quick.index("--max_train_steps") + 1])
     assert (tmp_path / "wadi-tiny" / "samples" / f"step-{steps:06d}.png").exists()  # where the README says
+    assert os.listdir(tmp_path / "wadi-tiny" / f"checkpoint-{steps}")  # the last step's, whatever --checkpointing_steps
     snippet = [b for b in readme_blocks("python") if "StableDiffusionPipeline.from_pretrained" in b][0]
     snippet = snippet.replace('"wadi-out/pipeline"', repr(str(tmp_path / "wadi-tiny" / "pipeline")))
     snippet = snippet.replace('"shiba.png"', repr(str(tmp_path / "shiba.png")))

@@ -19,12 +19,10 @@ import argparse
 import contextlib
 import copy
 import functools
-import glob
 import hashlib
 import json
 import math
 import os
-import re
 import resource
 import shutil
 import sys
@@ -83,7 +81,7 @@ def guided_eps(unet, x_t, t, cond, uncond, scale):
 def vsd_loss(x0, x_t, eps_real, eps_fake, abar_t, weighting="paper"):
     """Eq. (11): the student's gradient is w(t) (eps_real - eps_fake) dx0/dtheta with w(t) = 1 - abar_t, where both
     scores are taken at x_t = diffuse(x0). Written as a surrogate whose gradient w.r.t. x0 is exactly that difference
-    (divided by x0.numel()); nan_to_num keeps one overflowing score from poisoning the whole batch.
+    (divided by x0.numel()). A score that overflowed leaves the gradient non-finite: `update` skips the step, counted.
     weighting 'dmd': DMD's instead, the difference in x0 space, x0_fake - x0_real = sqrt((1-abar)/abar) (eps_real -
     eps_fake), divided per sample by the mean |x0 - x0_real|: every sample's step about alike, whatever t."""
     a = abar_t.view(-1, 1, 1, 1)
@@ -92,8 +90,7 @@ def vsd_loss(x0, x_t, eps_real, eps_fake, abar_t, weighting="paper"):
     else:
         x0_real = (x_t - (1 - a).sqrt() * eps_real) / a.sqrt()  # the teacher's prediction of x0
         w = ((1 - a) / a).sqrt() / (x0.detach() - x0_real).abs().mean((1, 2, 3), keepdim=True)
-    grad = torch.nan_to_num(w * (eps_real - eps_fake))
-    return 0.5 * F.mse_loss(x0, (x0 - grad).detach())
+    return 0.5 * F.mse_loss(x0, (x0 - w * (eps_real - eps_fake)).detach())
 
 
 def fake_loss(fake, x0, t, noise, cond, abar, weighted=True):
@@ -109,10 +106,11 @@ def train_step(run, step):
     args, d = run.args, draw(run, step)
     cond = encode(run, [run.prompts[i] for i in d["prompt"].tolist()])
     uncond = run.null_emb.expand_as(cond)
-    if args.lr_schedule == "linear":  # a function of the step alone: a resumed run anneals exactly alike
-        run.opt_s.param_groups[0]["lr"] = args.learning_rate * (1 - step / run.max_steps)
+    # the lrs, a function of the flags and the step alone: a resumed run trains at those given, annealed alike
+    anneal = 1 - step / run.max_steps if args.lr_schedule == "linear" else 1
+    run.opt_s.param_groups[0]["lr"], run.opt_f.param_groups[0]["lr"] = args.learning_rate * anneal, args.fake_learning_rate
     # a LoRaD layer forms W' once per value of its angles (student: forward, recompute, backward; fake: + guided call)
-    with run.reuse_rotations(run.fake) as fake_changed, run.reuse_rotations(run.student) as student_changed:
+    with run.reuse_rotations(run.fake), run.reuse_rotations(run.student):
         # 1. the student generates x0 in one step from pure noise
         with run.autocast:
             x0 = one_step(run.student, d["z"], cond, run.abar)
@@ -129,7 +127,6 @@ def train_step(run, step):
                                    encode(run, [run.pairs["prompts"][j] for j in i.tolist()]), run.abar)
             loss = loss + args.regression_weight * F.mse_loss(x0_pair, run.pairs["x0"][i].to(run.device))
         norm_s = update(loss, run.student_params, run.opt_s, run.scaler_s, run.world)
-        student_changed()
         if run.ema is not None:
             torch._foreach_lerp_(run.ema_params, [p.detach() for p in run.student_params], 1 - args.ema_decay)
         # 3. the fake model learns the student's current distribution, with 10% empty prompts (for its CFG)
@@ -142,13 +139,12 @@ def train_step(run, step):
                 loss_fake = fake_loss(run.fake, x0.detach(), d["t_fake"][k], d["noise_fake"][k], cond_k, run.abar,
                                       weighted=args.fake_weighting == "abar")
             norm_f = update(loss_fake, run.fake_params, run.opt_f, run.scaler_f, run.world)
-            fake_changed()  # its angles moved: its next call forms W' anew
     logs = torch.stack([loss_vsd.detach(), loss_fake.detach(), norm_s, norm_f]).tolist()  # the step's one host sync
     return dict(zip(("loss_vsd", "loss_fake", "grad_norm_student", "grad_norm_fake"), logs))
 
 
 def update(loss, params, opt, scaler, world):
-    """Backward, average over ranks, clip, step. A non-finite gradient skips the step on every rank alike (the
+    """Backward, average over ranks, clip, step. A non-finite gradient norm skips the step on every rank alike (the
     averaged gradient is the same everywhere), on the device: no host sync. Returns the gradient norm, a tensor."""
     scaler.scale(loss).backward()
     if world > 1:  # what DDP's reducer does, in one collective; the teacher is never wrapped
@@ -156,10 +152,10 @@ def update(loss, params, opt, scaler, world):
         dist.all_reduce(flat)
         for p, g in zip(params, flat.div_(world).split([p.numel() for p in params])):
             p.grad.copy_(g.view_as(p))
-    scaler.unscale_(opt)
+    scaler.unscale_(opt)  # fp16 alone; it notes non-finite gradients, for update() to lower the scale
     norm = torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
-    opt.found_inf = (~norm.isfinite()).float()  # fused AdamW skips its step when 1 (fp16: GradScaler sets its own)
-    scaler.step(opt)
+    opt.found_inf = (~norm.isfinite()).float()  # fused AdamW skips its step when 1. Not scaler.step(), which puts its
+    opt.step()  # own check in its place: finite gradients whose norm overflows would step (clipped to 0, on momentum)
     scaler.update()
     opt.zero_grad(set_to_none=True)
     return norm
@@ -268,6 +264,8 @@ def share_base(unet, rank, layers, adapter="lorad"):
         names = [n for n, m in unet.named_modules() if type(m) is torch.nn.Linear
                  and any(s in n for s in layers["include"]) and not any(s in n for s in layers.get("exclude", ()))]
         model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=names, use_dora=adapter == "dora"))
+        for p in [p for p in model.parameters() if p.requires_grad]:  # peft makes them in the base's dtype: in bf16
+            p.data = p.data.float()  # Adam's ~lr steps round away, and GradScaler cannot unscale fp16 gradients
     return model
 
 
@@ -311,15 +309,15 @@ def setup(args, parts=None):
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mp]
     run.autocast = torch.autocast(run.device.type, dtype=dtype) if mp != "no" else contextlib.nullcontext()
     # where we write: a folder (or one we can create), not another run's checkpoints; checked before writing anything
-    check_output_dir(args.output_dir)
-    ckpts, run.resume = list_checkpoints(args.output_dir), args.resume_from_checkpoint
-    if run.resume == "latest":
+    check_output_dir(out := args.output_dir)
+    ckpts, run.resume = list_checkpoints(out), args.resume_from_checkpoint
+    if run.resume == "latest":  # the newest checkpoint; none: a fresh start, in an empty or new folder alone
         run.resume = ckpts[-1] if ckpts else None
     elif run.resume and not os.path.isfile(os.path.join(run.resume, "state.pt")):
         raise UserError(f"--resume_from_checkpoint {run.resume}: no such checkpoint folder")
-    elif not run.resume and (ckpts or os.path.exists(os.path.join(args.output_dir, "pipeline"))):
-        raise UserError(f"{args.output_dir} holds another run's output; pass --resume_from_checkpoint latest "
-                        "or choose a new --output_dir")
+    if not run.resume and (ckpts or any(os.path.exists(os.path.join(out, f)) for f in ("pipeline", "log.jsonl"))):
+        raise UserError(f"{out} holds another run's output; " + ("pass --resume_from_checkpoint latest or " if ckpts
+                        else "it has no checkpoint to resume from: ") + "choose a new --output_dir")
     # models: the frozen parts in the training dtype; teacher, fake and student share one base UNet
     name = args.pretrained_model_name_or_path
     if name == "tiny" and parts is None:  # a tiny SD-shaped model, built on the spot (tiny.py)
@@ -340,10 +338,9 @@ def setup(args, parts=None):
     if run.ema is not None:  # an EMA of the trained tensors alone: with a shared base, it costs what the adapter does
         load_own(run.ema, unet, own_tensors(run.student, unet))
         run.ema_params = list(own_tensors(run.ema, unet).values())  # views, for the in-place EMA
-    if args.gradient_checkpointing:  # recompute activations in backward; the models are in train mode
-        run.student.enable_gradient_checkpointing()
-        run.fake.enable_gradient_checkpointing()
-    run.reuse_rotations = (lambda m: contextlib.nullcontext(lambda: None)) if args.compile else reuse_rotations  # fused
+    for model in (run.student, run.fake) if args.gradient_checkpointing else ():  # in train mode: recompute in backward
+        model.enable_gradient_checkpointing()
+    run.reuse_rotations = (lambda m: contextlib.nullcontext()) if args.compile else reuse_rotations  # fused
     for model in (run.teacher, run.student, run.fake) if args.compile else ():  # forward and backward, by inductor
         model.compile(dynamic=False)  # one graph per call shape (batch b and 2b): no dynamic-shape recompiles
     # optimizers: AdamW on the angles alone (paper §4.1); GradScaler only does something for fp16
@@ -373,16 +370,15 @@ def replace_atomically(final, write):
     tmp = f"{final}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
-    if os.path.isdir(final):
-        shutil.rmtree(final)
+    shutil.rmtree(final, ignore_errors=True)  # an older folder (os.replace replaces a file itself)
     os.replace(tmp, final)
 
 
 def list_checkpoints(output_dir):
     """checkpoint-{step} folders in output_dir, oldest first."""
-    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(output_dir, "checkpoint-*"))
-             if (m := re.fullmatch(r"checkpoint-(\d+)", os.path.basename(p)))]
-    return [p for _, p in sorted(found)]
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    found = sorted((int(n[11:]), n) for n in names if n.startswith("checkpoint-") and n[11:].isdecimal())
+    return [os.path.join(output_dir, n) for _, n in found]
 
 
 def save_checkpoint(run, step):
@@ -454,8 +450,7 @@ def export(run):
     # one DDPM step with trailing spacing goes t=999 -> x0 exactly as one_step() does (so do DDIM and LCM; PNDM does not)
     scheduler = DDPMScheduler.from_config(run.scheduler.config, timestep_spacing="trailing", clip_sample=False)
     pipe = StableDiffusionPipeline.from_pretrained(run.model_path, unet=unet, scheduler=scheduler, low_cpu_mem_usage=False)
-    final = os.path.join(out, "pipeline")
-    replace_atomically(final, pipe.save_pretrained)
+    replace_atomically(final := os.path.join(out, "pipeline"), pipe.save_pretrained)
     # the check: the exported pipeline, sampled in one step, against the trainer's own generator
     pipe = StableDiffusionPipeline.from_pretrained(final, low_cpu_mem_usage=False).to(run.device)
     pipe.set_progress_bar_config(disable=True)
@@ -500,7 +495,7 @@ def parse_args(argv=None):
     p.add_argument("--fake_guidance_scale", type=float, help="default: --guidance_scale (authors'); 1: none (DMD2)")
     p.add_argument("--vsd_weighting", choices=["paper", "dmd"], default="paper", help="eq. 11's w(t) (vsd_loss)")
     p.add_argument("--regression_pairs", help="DMD's regression loss onto these pairs, a file (docs/remedies.md)")
-    p.add_argument("--regression_weight", type=float, default=0.25, help="its weight (DMD's)")
+    p.add_argument("--regression_weight", type=float, help="its weight; default: 0.25 (DMD's)")
     # numerics and memory
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: bf16 on CUDA, no on CPU")
     p.add_argument("--gradient_checkpointing", action="store_true")
@@ -519,6 +514,9 @@ def parse_args(argv=None):
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UserError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
     args.fake_guidance_scale = args.guidance_scale if args.fake_guidance_scale is None else args.fake_guidance_scale
+    if args.regression_weight is not None and not args.regression_pairs:
+        raise UserError("--regression_weight needs --regression_pairs: it weights the regression onto those pairs")
+    args.regression_weight = 0.25 if args.regression_weight is None else args.regression_weight
     for name in ("learning_rate", "fake_learning_rate", "guidance_scale", "fake_guidance_scale", "regression_weight"):
         if not 0 <= getattr(args, name) < math.inf:  # argparse's float() takes nan and inf
             raise UserError(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
@@ -534,20 +532,21 @@ def main(argv=None):
     args = parse_args(argv)
     run = setup(args)
     start = load_checkpoint(run, run.resume) if run.resume else 0
-    master, out = run.rank == 0, args.output_dir
-    peak_memory_gb = lambda: (torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda"
-                              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # CPU: peak RSS, in KiB
+    master, out, bad_in_a_row = run.rank == 0, args.output_dir, 0
+    peak_memory_gib = lambda: (torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda"
+                               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # CPU: peak RSS, in KiB
     if master:
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-        log_path = os.path.join(out, "log.jsonl")  # steps after the checkpoint we resume from are redone: drop their lines
-        kept = [line for line in open(log_path) if json.loads(line)["step"] <= start] if os.path.exists(log_path) else []
-        log = open(log_path, "w", buffering=1)  # line-buffered: each step's line is on disk as it is written
-        log.writelines(kept)
+        log_path = os.path.join(out, "log.jsonl")  # without the lines of redone steps and a line cut short (no "\n")
+        with open(log_path) if os.path.exists(log_path) else contextlib.nullcontext([]) as log:
+            kept = [line for line in log if line.endswith("\n") and json.loads(line)["step"] <= start]
+        with open(log_path, "w") as log:
+            log.writelines(kept)
         n_s, n_f = sum(p.numel() for p in run.student_params), sum(p.numel() for p in run.fake_params)
         print(f"wadi: {run.model_path} | {len(run.prompts)} prompts | student {n_s / 1e6:.2f}M, fake {n_f / 1e6:.2f}M "
               f"trainable | global batch {args.train_batch_size * run.world} on {run.world} x {run.device.type} | "
-              f"{run.mixed_precision} | steps {start}..{run.max_steps}" + (f" (resumed {run.resume})" if run.resume else ""))
-    bad_in_a_row = 0
+              f"{'fp32' if run.mixed_precision == 'no' else run.mixed_precision} | steps {start}..{run.max_steps}"
+              + (f" (resumed {run.resume})" if run.resume else ""))
     for step in tqdm(range(start, run.max_steps), initial=start, total=run.max_steps, disable=not master):
         t0 = time.time()
         logs = train_step(run, step)
@@ -560,23 +559,24 @@ def main(argv=None):
                             f"Last checkpoint: {(list_checkpoints(out) or ['none'])[-1]}")
         if master:
             dt = time.time() - t0
-            logs.update(step=step + 1, lr=run.opt_s.param_groups[0]["lr"], fake_lr=args.fake_learning_rate,
-                        sec_per_step=dt, img_per_sec=args.train_batch_size * run.world / dt, peak_mem_gb=peak_memory_gb(),
-                        skipped=run.skipped)
+            logs.update(step=step + 1, lr=run.opt_s.param_groups[0]["lr"], fake_lr=run.opt_f.param_groups[0]["lr"],
+                        sec_per_step=dt, img_per_sec=args.train_batch_size * run.world / dt,
+                        peak_mem_gib=peak_memory_gib(), skipped=run.skipped)  # the lrs the optimizers used
             tqdm.write(f"step {step + 1}/{run.max_steps} | vsd {logs['loss_vsd']:.4g} | fake {logs['loss_fake']:.4g} | "
                        f"gnorm {logs['grad_norm_student']:.3g}/{logs['grad_norm_fake']:.3g} | lr {logs['lr']:.3g}/"
-                       f"{args.fake_learning_rate:g} | {dt:.2f} s/step | {logs['img_per_sec']:.1f} img/s | "
-                       f"mem {logs['peak_mem_gb']:.2f} GB | skipped {run.skipped}")
-            log.write(json.dumps({k: v if math.isfinite(v) else None for k, v in logs.items()}) + "\n")  # NaN -> null
-            if (step + 1) % args.checkpointing_steps == 0:
+                       f"{logs['fake_lr']:g} | {dt:.2f} s/step | {logs['img_per_sec']:.1f} img/s | "
+                       f"mem {logs['peak_mem_gib']:.2f} GiB | skipped {run.skipped}")
+            with open(log_path, "a") as log:  # each step's line on disk as it is written; NaN -> null
+                log.write(json.dumps({k: v if math.isfinite(v) else None for k, v in logs.items()}) + "\n")
+            if (step + 1) % args.checkpointing_steps == 0 or step + 1 == run.max_steps:
                 save_checkpoint(run, step + 1)
-            if (step + 1) % args.validation_steps == 0:
+            if (step + 1) % args.validation_steps == 0 and step + 1 < run.max_steps:  # the last one: below
                 validate(run, step + 1)
     if master:
         samples = validate(run, run.max_steps)
         pipeline, err = export(run)
         print(f"wadi: done | samples {samples} | adapter {os.path.join(out, f'student_{args.adapter}.safetensors')} | "
-              f"pipeline {pipeline} (one-step output vs trainer: {err:.1e} relative) | peak memory {peak_memory_gb():.2f} GB")
+              f"pipeline {pipeline} (one-step output vs trainer: {err:.1e} relative) | peak memory {peak_memory_gib():.2f} GiB")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -100,7 +100,7 @@ def count_ops(batch, design="ours", argv=("--resolution", "512"), models=(SD15, 
         if design == "authors":
             authors_design(run)
         if not reuse:
-            run.reuse_rotations = lambda model: contextlib.nullcontext(lambda: None)
+            run.reuse_rotations = lambda model: contextlib.nullcontext()
         holder["labels"] = counter.labels(run)
 
     patch = mock.patch.object(wadi, "guided_eps", authors_guided_eps) if design == "authors" else contextlib.nullcontext()
