@@ -9,13 +9,14 @@ for the README or docs/; none of them is a test.
     python bench.py ops     # ops (GPU kernel launches) one step dispatches at SD1.5 size, by source, ours vs the authors
     python bench.py sd15    # one step of the real SD1.5 architecture on CPU, and the paper's recipe counted by plan
     python bench.py toy     # distill a toy teacher with wadi.py and score it against its known modes
+    python bench.py digits  # distill a teacher of real handwritten digits with wadi.py, scored as the paper's Table 1
 
 `python bench.py NAME --help` lists a benchmark's flags; flags after `--` go to wadi.py where a benchmark runs it.
 """
 import importlib
 import sys
 
-NAMES = ("layer", "step", "plan", "ops", "sd15", "toy")
+NAMES = ("layer", "step", "plan", "ops", "sd15", "toy", "digits")
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):

@@ -1,0 +1,210 @@
+"""Does wadi.py distill real images? Handwritten digits on a CPU, scored like the paper's Table 1.
+
+    python bench.py digits                    # teacher, student, scores, picture: bench-out/digits (~45 CPU-minutes)
+    python bench.py digits --seed 1           # a second seed: bench-out/digits-seed1
+    python bench.py digits --table            # the tables, assets/digits.png and its curve from the records, no run
+    python bench.py digits -- --fake_updates 3   # flags after -- go to wadi.py
+
+A text-to-image teacher trained on the real digits (benchmarks/digits_problem.py), distilled by wadi.py's own
+command line into a one-step student, both sampled through stock diffusers pipelines and scored against the
+held-out digits. Each part is cached in --out; each seed's record (a few kB) in --records, kept in git.
+"""
+import argparse
+import glob
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+import wadi
+from benchmarks.digits_problem import (DIGIT_PROMPTS, DigitScorer, digit_noise, digit_samples, digit_split,
+                                       train_digit_teacher)
+from benchmarks.plot import line_plot
+from benchmarks.toy import student_from
+from benchmarks.toy_problem import make_pairs
+from benchmarks.toy_table import ratio, weights_sha
+
+DIGIT_RECIPE = ["--train_batch_size", "16", "--student_rank", "16", "--fake_rank", "4", "--learning_rate", "1e-3",
+                "--fake_updates", "5", "--lr_schedule", "linear", "--fake_weighting", "none"]
+# The toy's recipe (benchmarks/toy.py TOY_RECIPE): the paper's, with ranks and batch scaled to the tiny UNet, the
+# student's lr 1e-3 annealed, 5 fake updates per step and eq. 12 unweighted. CFG 1.5 on both scores: wadi.py's default.
+GUIDANCE = 1.5
+ROWS = ("real training split", "teacher, 25 steps", "teacher, 1 step", "student, 1 step")
+SHOWN = 2  # samples per digit in the picture
+
+
+def teacher_part(out, args, x_train, y_train):
+    """DIR/teacher, trained once per recipe (DIR/teacher.json says which): a stock StableDiffusionPipeline folder."""
+    path, recipe = os.path.join(out, "teacher"), dict(seed=args.seed, steps=args.teacher_steps, lr=args.teacher_lr)
+    made = os.path.join(out, "teacher.json")
+    if os.path.isdir(path) and os.path.exists(made) and {k: json.load(open(made))[k] for k in recipe} == recipe:
+        return path, json.load(open(made))
+    t0, cpu0 = time.time(), time.process_time()
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
+    train_digit_teacher(path + ".tmp", x_train, y_train, args.seed, args.teacher_steps, lr=args.teacher_lr)
+    shutil.rmtree(path, ignore_errors=True)
+    os.rename(path + ".tmp", path)
+    json.dump(dict(recipe, minutes=(time.time() - t0) / 60, cpu_minutes=(time.process_time() - cpu0) / 60,
+                   threads=torch.get_num_threads(), sha=weights_sha(path)), open(made, "w"))
+    return path, json.load(open(made))
+
+
+def student_part(out, args, teacher):
+    """DIR/student: wadi.py's own command line on the teacher; rerun only when the command changed."""
+    prompts = os.path.join(out, "prompts.txt")
+    with open(prompts, "w") as f:
+        f.write("\n".join(DIGIT_PROMPTS) + "\n")
+    path, S, flags = os.path.join(out, "student" + variant(args)), args.steps, [*DIGIT_RECIPE, *args.wadi_args]
+    if "--regression_weight" in flags and "--regression_pairs" not in flags:  # DMD's pairs: 25-step samples of the teacher
+        flags += ["--regression_pairs", os.path.join(out, "regression-pairs.safetensors")]
+        if not os.path.exists(flags[-1]):
+            make_pairs(teacher, [p for p in DIGIT_PROMPTS for _ in range(100)], digit_noise(100, 3000), flags[-1])
+    cmd = [sys.executable, os.path.abspath(wadi.__file__), "--pretrained_model_name_or_path", teacher, "--prompts",
+           prompts, "--validation_prompts", *DIGIT_PROMPTS, "--output_dir", path, "--max_train_steps", str(S),
+           "--checkpointing_steps", str(max(1, S // 10)), "--validation_steps", str(S), "--seed", str(args.seed),
+           *flags]
+    shown, made = ["wadi.py", *cmd[2:]], path + ".json"  # as a record keeps it: the same from any checkout
+    if os.path.isdir(os.path.join(path, "pipeline")) and os.path.exists(made) and json.load(open(made))["cmd"] == shown:
+        return path, json.load(open(made))
+    print(" ".join(shown), flush=True)
+    shutil.rmtree(path, ignore_errors=True)
+    t0, cpu0 = time.time(), children_cpu()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    json.dump(dict(cmd=shown, minutes=(time.time() - t0) / 60, cpu_minutes=(children_cpu() - cpu0) / 60), open(made, "w"))
+    return path, json.load(open(made))
+
+
+def variant(args):
+    """The wadi.py flags beyond the recipe's, as a name: each variant's student and record of its own."""
+    return "".join("-" + a[2:] if a.startswith("--") else a for a in args.wadi_args)
+
+
+def children_cpu():
+    """CPU seconds of this process's finished subprocesses, every thread counted."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def bench_digits(args):
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+    out = args.out or os.path.join("bench-out", "digits" + (f"-seed{args.seed}" if args.seed else ""))
+    os.makedirs(out, exist_ok=True)
+    x_train, x_test, y_train, y_test = digit_split()
+    teacher, teacher_made = teacher_part(out, args, x_train, y_train)
+    student, student_made = student_part(out, args, teacher)
+    # every sample through a stock diffusers pipeline: the teacher's folder, and wadi.py's export
+    scorer, n = DigitScorer(x_train, y_train, x_test, y_test), args.samples
+    y = np.repeat(np.arange(10), n)
+    pipe = StableDiffusionPipeline.from_pretrained(teacher, low_cpu_mem_usage=False)
+    one_step = DDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")  # as wadi.py exports
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    cache = os.path.join(out, f"teacher-samples-{n}.npz")  # the teacher's rows, shared by every student of it
+    if not os.path.exists(cache) or str(np.load(cache)["sha"]) != teacher_made["sha"]:
+        x25 = digit_samples(pipe, 25, GUIDANCE, n)
+        pipe.scheduler = one_step
+        np.savez(cache, x25=x25, x1=digit_samples(pipe, 1, 0, n), sha=teacher_made["sha"])
+    teacher_x = np.load(cache)
+    pipe.scheduler = one_step
+    samples = {ROWS[0]: (x_train, y_train), ROWS[1]: (teacher_x["x25"], y), ROWS[2]: (teacher_x["x1"], y)}
+    exported = StableDiffusionPipeline.from_pretrained(os.path.join(student, "pipeline"), low_cpu_mem_usage=False)
+    samples[ROWS[3]] = (digit_samples(exported, 1, 0, n), y)
+    rows = {name: scorer.scores_with_errors(x, labels) for name, (x, labels) in samples.items()}
+    # over training: each checkpoint's student (its EMA where kept: what wadi.py exports), in one step
+    curve = {0: {k: rows[ROWS[2]]["classifier"][k] for k in ("fd", "accuracy")}}
+    for ckpt in wadi.list_checkpoints(student):
+        pipe.unet = student_from(teacher, ckpt)
+        s = scorer.scores(digit_samples(pipe, 1, 0, n), y)
+        curve[int(ckpt.rsplit("-", 1)[1])] = dict(fd=s["fd"], accuracy=s["accuracy"])
+    shown = lambda x, labels: [np.round(16 * x[labels == d][:SHOWN]).astype(int).tolist() for d in range(10)]
+    record = dict(seed=args.seed, teacher=teacher_made, student=student_made, samples_per_digit=n, heldout=len(y_test),
+                  classifier_accuracy=scorer.accuracy, rows=rows, curve=curve,
+                  images={"real digits (held out)": shown(x_test, y_test), **{name: shown(*samples[name]) for name in ROWS[1:]}})
+    os.makedirs(args.records, exist_ok=True)
+    with open(os.path.join(args.records, f"digits-seed{args.seed}{variant(args)}.json"), "w") as f:
+        json.dump(record, f)
+    digits_table(args.records, args.assets)
+
+
+def digits_table(records, assets):
+    """The records' tables (one per seed), the acceptance ratios, and seed 0's picture and curve: no run."""
+    found = sorted(glob.glob(os.path.join(records, "digits-seed*.json")))
+    if not found:
+        sys.exit(f"bench.py digits: no records in {records}: run python bench.py digits first")
+    for path in found:
+        r = json.load(open(path))
+        n = r["samples_per_digit"]
+        print(f"\nseed {r['seed']}: {10 * n} samples per generated row ({n} per digit), against the {r['heldout']} held-out "
+              f"digits; the scorer's classifier is {r['classifier_accuracy']:.3f} accurate on them; "
+              f"teacher {r['teacher']['sha'][:4]} ({r['teacher']['steps']} steps, {r['teacher']['minutes']:.0f} min), "
+              f"student {r['student']['minutes']:.0f} min: {' '.join(r['student']['cmd'][r['student']['cmd'].index('--seed'):])}")
+        for space in ("classifier", "pca"):
+            print(f"\n{'classifier features' if space == 'classifier' else 'PCA features (16 components of the real pixels)'}"
+                  " | FD | precision | recall | adherence | smallest recall of a digit | smallest adherence of a digit |")
+            print("|---|---|---|---|---|---|---|")
+            for name in ROWS:
+                s = r["rows"][name][space]
+                cell = lambda k, f: f"{s[k]:{f}} ± {s['err'][k]:{f}}"
+                print(f"| {name} | {cell('fd', '.2f')} | {cell('precision', '.3f')} | {cell('recall', '.3f')} "
+                      f"| {cell('accuracy', '.3f')} | {cell('min_recall', '.3f')} | {min(s['accuracy_per_digit']):.3f} |")
+            s, t = r["rows"][ROWS[3]][space], r["rows"][ROWS[1]][space]
+            print(f"student / teacher at 25 steps: FD {ratio(s['fd'], t['fd']):.2f}x (goal <= 1.25x), adherence "
+                  f"{ratio(s['accuracy'], t['accuracy']):.2f}x (>= 0.95x), recall {ratio(s['recall'], t['recall']):.2f}x "
+                  f"(>= 0.85x); every digit present (adherence >= 0.5 for each): {min(s['accuracy_per_digit']) >= 0.5}; "
+                  f"teacher adherence {t['accuracy']:.3f} (>= 0.90)")
+    r = json.load(open(found[0]))
+    os.makedirs(assets, exist_ok=True)
+    digit_picture(os.path.join(assets, "digits.png"), r["images"])
+    steps = sorted(int(k) for k in r["curve"])
+    line_plot(os.path.join(assets, "digits-curve.png"), [
+        (f"FD to the held-out digits (classifier features), seed {r['seed']}", steps,
+         {"student, 1 step": [r["curve"][str(k)]["fd"] for k in steps]},
+         {"teacher, 25 steps": r["rows"][ROWS[1]]["classifier"]["fd"], "real training split": r["rows"][ROWS[0]]["classifier"]["fd"]}),
+        ("adherence: the share classified as the prompt's digit", steps,
+         {"student, 1 step": [r["curve"][str(k)]["accuracy"] for k in steps]},
+         {"teacher, 25 steps": r["rows"][ROWS[1]]["classifier"]["accuracy"]})])
+    print(f"\npicture: {os.path.join(assets, 'digits.png')}, curve: {os.path.join(assets, 'digits-curve.png')}")
+
+
+def digit_picture(path, images, scale=5, gap=2):
+    """One row per entry of `images` ({row name: per digit, a list of 64 pixel levels 0-16}), digits 0-9 left to right."""
+    from PIL import Image, ImageDraw
+    cell, label = 8 * scale + gap, 130
+    per_row = [[img for digit in imgs for img in digit] for imgs in images.values()]
+    pic = Image.new("L", (label + cell * max(map(len, per_row)), cell * len(per_row)), 255)
+    d = ImageDraw.Draw(pic)
+    for i, (name, row) in enumerate(zip(images, per_row)):
+        d.text((4, i * cell + cell // 2 - 6), name, fill=0)
+        for j, img in enumerate(row):
+            tile = Image.fromarray(np.uint8(255 - 255 * np.array(img).reshape(8, 8) / 16))  # ink dark, as on paper
+            pic.paste(tile.resize((8 * scale, 8 * scale), Image.NEAREST), (label + j * cell, i * cell))
+    pic.save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="bench.py digits", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=0, help="the teacher's and the student's seed (the split is fixed)")
+    p.add_argument("--out", help="the runs' outputs (default: bench-out/digits, or bench-out/digits-seedN)")
+    p.add_argument("--teacher_steps", type=int, default=4000, help="at batch 64 (~15 CPU-minutes on 2 cores)")
+    p.add_argument("--teacher_lr", type=float, default=2e-3, help="AdamW, decayed linearly to 0")
+    p.add_argument("--steps", type=int, default=2000, help="wadi.py steps")
+    p.add_argument("--samples", type=int, default=144, help="per digit and generated row (144: as many as the real split)")
+    p.add_argument("--records", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "records"))
+    p.add_argument("--assets", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets"),
+                   help="where --table and a run write digits.png and digits-curve.png")
+    p.add_argument("--table", action="store_true", help="no run: the tables and pictures from the records")
+    p.add_argument("wadi_args", nargs="*", help="more wadi.py flags, after --")
+    args = p.parse_args(argv)
+    for name in ("teacher_steps", "steps", "samples"):
+        if getattr(args, name) < 1:
+            sys.exit(f"bench.py digits: --{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.teacher_lr < float("inf"):
+        sys.exit(f"bench.py digits: --teacher_lr must be a finite number > 0, got {args.teacher_lr}")
+    if args.table:
+        return digits_table(args.records, args.assets)
+    bench_digits(args)
