@@ -176,28 +176,17 @@ def _set_submodule(model, name, module):
 
 
 def _no_match_message(model, include, exclude):
-    """Why add_lorad found nothing to adapt. A model with nothing trainable would train without an error
-    and learn nothing, so this must be loud, and say what the model has instead."""
-    msg = f"add_lorad matched no nn.Linear with include={include!r}, exclude={exclude!r}: nothing would train"
-    # Linear-like layers of other types: a 2-D weight that is not an embedding table. Duck-typed, so that
-    # this file needs torch alone: transformers' Conv1D, nn.Linear subclasses (quantized layers, adapters).
-    linears, others = [], {}
+    """Loud: a model with nothing to train would train without an error. Layers are told by a 2-D weight that is not an
+    embedding table (duck-typed, torch alone: transformers' Conv1D, nn.Linear subclasses such as quantized layers)."""
+    found = {}
     for name, m in model.named_modules():
         w = getattr(m, "weight", None)
-        if type(m) is nn.Linear:
-            linears.append(name)
-        elif isinstance(w, torch.Tensor) and w.dim() == 2 and not isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
-            others.setdefault(type(m).__name__, []).append(name)
-    shown = ", ".join(map(repr, linears[:3])) + ", ..." * (len(linears) > 3)
-    msg += f". The model's nn.Linear ({len(linears)}): {shown}" if linears else ". The model has no nn.Linear"
-    if others:
-        found = ", ".join(f"{k} x{len(v)} (e.g. {v[0]!r})" for k, v in others.items())
-        msg += (f". Linear-like layers of other types, which LoRaD does not adapt: {found}. LoRaD adapts"
-                " exact nn.Linear only, whose forward (x W^T + b, W out x in) it replaces and gives back on merge")
-    if "Conv1D" in others:
-        msg += (". transformers' Conv1D (GPT-2 and kin) is not supported: it stores its weight transposed,"
-                " (in, out), and merging into an nn.Linear would change the checkpoint's weight shapes")
-    return msg
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and not isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            found.setdefault(type(m).__name__, []).append(name)
+    return (f"add_lorad matched no nn.Linear with include={include!r}, exclude={exclude!r}, so nothing would train; the "
+            "model's layers with a 2-D weight: " + (", ".join(f"{k} x{len(v)} (e.g. {v[0]!r})" for k, v in found.items())
+                                                     or "none") + ", of which LoRaD adapts exact nn.Linear only"
+            + (" (transformers' Conv1D, as in GPT-2, stores its weight transposed: not supported)" if "Conv1D" in found else ""))
 
 
 def add_lorad(model, rank, include=("",), exclude=()):
@@ -254,18 +243,3 @@ def load_lorad(model, state_dict):
                              f"model {tuple(t.shape)} (different rank?)")
     for k, t in own.items():
         t.copy_(state_dict[k])
-
-
-# -----------------------------------------------------------------------------
-# the paper's weight-change analysis (Fig. 1a, Table 2 columns NM / DM)
-
-
-@torch.no_grad()
-def weight_change(w0, w1):
-    """Norm change |(|w1| - |w0|)| / |w0| and direction change 1 - cos(w0, w1), per output row,
-    averaged over rows: a (norm, direction) pair of fractions (x100 for the paper's percent)."""
-    w0, w1 = w0.double().flatten(1), w1.double().flatten(1)
-    n0, n1 = w0.norm(dim=1), w1.norm(dim=1)
-    norm = ((n1 - n0).abs() / n0).mean().item()
-    direction = (1 - F.cosine_similarity(w0, w1, dim=1)).mean().item()
-    return norm, direction

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import resource
+import shlex
 import shutil
 import sys
 import time
@@ -71,25 +72,16 @@ def diffuse(x0, t, noise, abar):
 
 
 def guided_eps(unet, x_t, t, cond, uncond, scale):
-    """Classifier-free guidance, cond and uncond batched into one UNet call (scale 1: the cond score alone)."""
-    if scale == 1:
-        return unet(x_t, t, cond).sample.float()
+    """Classifier-free guidance, cond and uncond batched into one UNet call."""
     eps_c, eps_u = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond])).sample.float().chunk(2)
     return eps_u + scale * (eps_c - eps_u)
 
 
-def vsd_loss(x0, x_t, eps_real, eps_fake, abar_t, weighting="paper"):
-    """Eq. (11): the student's gradient is w(t) (eps_real - eps_fake) dx0/dtheta with w(t) = 1 - abar_t, where both
-    scores are taken at x_t = diffuse(x0). Written as a surrogate whose gradient w.r.t. x0 is exactly that difference
-    (divided by x0.numel()). A score that overflowed leaves the gradient non-finite: `update` skips the step, counted.
-    weighting 'dmd': DMD's instead, the difference in x0 space, x0_fake - x0_real = sqrt((1-abar)/abar) (eps_real -
-    eps_fake), divided per sample by the mean |x0 - x0_real|: every sample's step about alike, whatever t."""
-    a = abar_t.view(-1, 1, 1, 1)
-    if weighting == "paper":
-        w = 1 - a
-    else:
-        x0_real = (x_t - (1 - a).sqrt() * eps_real) / a.sqrt()  # the teacher's prediction of x0
-        w = ((1 - a) / a).sqrt() / (x0.detach() - x0_real).abs().mean((1, 2, 3), keepdim=True)
+def vsd_loss(x0, eps_real, eps_fake, abar_t):
+    """Eq. (11): the student's gradient is w(t) (eps_real - eps_fake) dx0/dtheta, w(t) = 1 - abar_t, both scores taken at
+    x_t = diffuse(x0). A surrogate whose gradient w.r.t. x0 is that difference / x0.numel(): descent moves x0 against it,
+    towards the teacher's score and away from the fake's. An overflowed score leaves it non-finite: `update` skips."""
+    w = 1 - abar_t.view(-1, 1, 1, 1)
     return 0.5 * F.mse_loss(x0, (x0 - w * (eps_real - eps_fake)).detach())
 
 
@@ -99,6 +91,16 @@ def fake_loss(fake, x0, t, noise, cond, abar, weighted=True):
     eps = fake(diffuse(x0, t, noise, abar), t, cond).sample.float()
     w = abar[t].view(-1, 1, 1, 1) if weighted else 1
     return (w * (eps - noise).square()).mean()
+
+
+def regression_loss(run, d):
+    """DMD's regression (--regression_pairs; else 0): MSE of the student's one-step samples to the teacher's, pair by pair."""
+    if run.pairs is None:
+        return 0
+    i = d["pair"].tolist()
+    with run.autocast:
+        x0 = one_step(run.student, run.pairs["z"][i].to(run.device), encode(run, [run.pairs["prompts"][j] for j in i]), run.abar)
+    return run.args.regression_weight * F.mse_loss(x0, run.pairs["x0"][i].to(run.device))
 
 
 def train_step(run, step):
@@ -118,22 +120,14 @@ def train_step(run, step):
         x_t = diffuse(x0.detach(), d["t"], d["noise"], run.abar)
         with torch.no_grad(), run.autocast:
             eps_real = guided_eps(run.teacher, x_t, d["t"], cond, uncond, args.guidance_scale)
-            eps_fake = guided_eps(run.fake, x_t, d["t"], cond, uncond, args.fake_guidance_scale)
-        loss_vsd = loss = vsd_loss(x0, x_t, eps_real, eps_fake, run.abar[d["t"]], args.vsd_weighting)
-        if run.pairs is not None:  # DMD's regression: the student maps a pair's noise onto the teacher's 25-step sample
-            i = d["pair"].cpu()
-            with run.autocast:
-                x0_pair = one_step(run.student, run.pairs["z"][i].to(run.device),
-                                   encode(run, [run.pairs["prompts"][j] for j in i.tolist()]), run.abar)
-            loss = loss + args.regression_weight * F.mse_loss(x0_pair, run.pairs["x0"][i].to(run.device))
-        norm_s = update(loss, run.student_params, run.opt_s, run.scaler_s, run.world)
+            eps_fake = guided_eps(run.fake, x_t, d["t"], cond, uncond, args.guidance_scale)
+        loss_vsd = vsd_loss(x0, eps_real, eps_fake, run.abar[d["t"]])
+        # 3. with --regression_pairs, DMD's regression onto the teacher's multi-step samples
+        norm_s = update(loss_vsd + regression_loss(run, d), run.student_params, run.opt_s, run.scaler_s, run.world)
         if run.ema is not None:
             torch._foreach_lerp_(run.ema_params, [p.detach() for p in run.student_params], 1 - args.ema_decay)
-        # 3. the fake model learns the student's current distribution, with 10% empty prompts (for its CFG)
+        # 4. the fake model learns the student's current distribution, with 10% empty prompts (for its CFG)
         for k in range(args.fake_updates):
-            if args.fresh_fake_samples:  # DMD2's rule: each fake update sees new samples of the student as it is now
-                with torch.no_grad(), run.autocast:
-                    x0 = one_step(run.student, d["z_fake"][k], cond, run.abar)
             cond_k = torch.where(d["drop"][k].view(-1, 1, 1), uncond, cond)
             with run.autocast:
                 loss_fake = fake_loss(run.fake, x0.detach(), d["t_fake"][k], d["noise_fake"][k], cond_k, run.abar,
@@ -189,10 +183,9 @@ def draw(run, step):
              noise=torch.randn(B, *shape, generator=g),
              t_fake=torch.randint(0, 1000, (k, B), generator=g), noise_fake=torch.randn(k, B, *shape, generator=g),
              drop=torch.rand(k, B, generator=g) < P_EMPTY,
-             z_fake=torch.randn(k if run.args.fresh_fake_samples else 0, B, *shape, generator=g),
              pair=torch.randint(len(run.pairs["z"]) if run.pairs else 1, (B,), generator=g))
     mine = slice(run.rank * b, (run.rank + 1) * b)
-    return {key: (v[:, mine] if key in ("t_fake", "noise_fake", "drop", "z_fake") else v[mine]).to(run.device)
+    return {key: (v[:, mine] if key in ("t_fake", "noise_fake", "drop") else v[mine]).to(run.device)
             for key, v in d.items()}
 
 
@@ -430,9 +423,9 @@ def validate(run, step):
     return path
 
 
-def export(run):
+def export(run, samples):
     """student_{adapter}.safetensors (the trained tensors alone) and pipeline/ (a stock diffusers folder, one-step
-    scheduler), then reload the pipeline through the public API: a broken export fails here, loudly."""
+    scheduler, a model card), then reload the pipeline through the public API: a broken export fails here, loudly."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from safetensors.torch import save_file
     out, model, adapter = run.args.output_dir, (run.ema if run.ema is not None else run.student), run.args.adapter
@@ -451,6 +444,16 @@ def export(run):
     scheduler = DDPMScheduler.from_config(run.scheduler.config, timestep_spacing="trailing", clip_sample=False)
     pipe = StableDiffusionPipeline.from_pretrained(run.model_path, unet=unet, scheduler=scheduler, low_cpu_mem_usage=False)
     replace_atomically(final := os.path.join(out, "pipeline"), pipe.save_pretrained)
+    a = run.args  # the model card, as the diffusers training examples write one (SD1.5's license; JSON is YAML)
+    with open(os.path.join(final, "README.md"), "w", encoding="utf-8") as f:
+        f.write(f"---\nbase_model: {json.dumps(a.pretrained_model_name_or_path)}\nlicense: creativeml-openrail-m\n"
+                "library_name: diffusers\ntags: [text-to-image, one-step, wadi, diffusers]\n---\n\n"
+                f"# {a.pretrained_model_name_or_path} in one step, by [WaDi](https://arxiv.org/abs/2603.08258)\n\n```python\n"
+                f"from diffusers import StableDiffusionPipeline\n\npipe = StableDiffusionPipeline.from_pretrained({final!r})\n"
+                f"image = pipe({a.validation_prompts[0]!r}, num_inference_steps=1, guidance_scale=0).images[0]\n```\n\n"
+                f"Trained by `{run.command}`: {run.max_steps} steps, global batch {a.train_batch_size * run.world}; in all, "
+                + ", ".join(f"{k} {v}" for k, v in vars(a).items()) + ".\n\n![The final samples](samples.png)\n")
+    shutil.copy(samples, os.path.join(final, "samples.png"))
     # the check: the exported pipeline, sampled in one step, against the trainer's own generator
     pipe = StableDiffusionPipeline.from_pretrained(final, low_cpu_mem_usage=False).to(run.device)
     pipe.set_progress_bar_config(disable=True)
@@ -490,11 +493,7 @@ def parse_args(argv=None):
     p.add_argument("--fake_updates", type=int, default=1, help="fake-model steps per generator step (DMD2: 5)")
     p.add_argument("--fake_weighting", choices=["abar", "none"], default="abar", help="eq. 12's weight (fake_loss)")
     p.add_argument("--ema_decay", type=float, default=0.0, help="EMA of the student's trained tensors; 0 = off")
-    # remedies for VSD's drift between a prompt's modes, from DMD and DMD2; all off: the defaults are the paper's
-    p.add_argument("--fresh_fake_samples", action="store_true", help="each fake update on new student samples (DMD2)")
-    p.add_argument("--fake_guidance_scale", type=float, help="default: --guidance_scale (authors'); 1: none (DMD2)")
-    p.add_argument("--vsd_weighting", choices=["paper", "dmd"], default="paper", help="eq. 11's w(t) (vsd_loss)")
-    p.add_argument("--regression_pairs", help="DMD's regression loss onto these pairs, a file (docs/remedies.md)")
+    p.add_argument("--regression_pairs", help="DMD's regression onto these pairs, a file (docs/remedies.md); off: VSD alone")
     p.add_argument("--regression_weight", type=float, help="its weight; default: 0.25 (DMD's)")
     # numerics and memory
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="default: bf16 on CUDA, no on CPU")
@@ -513,11 +512,10 @@ def parse_args(argv=None):
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UserError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
-    args.fake_guidance_scale = args.guidance_scale if args.fake_guidance_scale is None else args.fake_guidance_scale
     if args.regression_weight is not None and not args.regression_pairs:
         raise UserError("--regression_weight needs --regression_pairs: it weights the regression onto those pairs")
     args.regression_weight = 0.25 if args.regression_weight is None else args.regression_weight
-    for name in ("learning_rate", "fake_learning_rate", "guidance_scale", "fake_guidance_scale", "regression_weight"):
+    for name in ("learning_rate", "fake_learning_rate", "guidance_scale", "regression_weight"):
         if not 0 <= getattr(args, name) < math.inf:  # argparse's float() takes nan and inf
             raise UserError(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
     if not 0 <= args.ema_decay < 1:
@@ -531,6 +529,7 @@ def main(argv=None):
     from tqdm import tqdm
     args = parse_args(argv)
     run = setup(args)
+    run.command = shlex.join(["python", "wadi.py", *(sys.argv[1:] if argv is None else argv)])  # for the model card
     start = load_checkpoint(run, run.resume) if run.resume else 0
     master, out, bad_in_a_row = run.rank == 0, args.output_dir, 0
     peak_memory_gib = lambda: (torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda"
@@ -574,7 +573,7 @@ def main(argv=None):
                 validate(run, step + 1)
     if master:
         samples = validate(run, run.max_steps)
-        pipeline, err = export(run)
+        pipeline, err = export(run, samples)
         print(f"wadi: done | samples {samples} | adapter {os.path.join(out, f'student_{args.adapter}.safetensors')} | "
               f"pipeline {pipeline} (one-step output vs trainer: {err:.1e} relative) | peak memory {peak_memory_gib():.2f} GiB")
     if dist.is_initialized():

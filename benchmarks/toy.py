@@ -153,8 +153,12 @@ def toy_ceiling(pipe, wadi_argv, n=384, anneal=False):
 
 def ceiling_key(wadi_argv):
     """What the regression baseline depends on: the student's flags alone, so runs that change only the fake or the
-    loss share it (the key names the student's lr_schedule; the fit follows it only with --ceiling_anneal)."""
-    a = wadi.parse_args(wadi_argv)
+    loss share it (the key names the student's lr_schedule; the fit follows it only with --ceiling_anneal). None for a
+    recorded command that wadi.py no longer takes (a flag since removed): that record shares no baseline."""
+    try:
+        a = wadi.parse_args(wadi_argv)
+    except wadi.UserError:
+        return None
     return [f"{k}{getattr(a, k)}" for k in ("adapter", "student_rank", "learning_rate", "lr_schedule", "train_batch_size",
                                             "max_train_steps", "guidance_scale", "seed")]
 

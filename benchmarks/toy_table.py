@@ -12,7 +12,6 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import lorad
 from benchmarks.plot import line_plot
 
 
@@ -21,9 +20,18 @@ def ratio(a, b):
 
 
 @torch.no_grad()
+def weight_change(w0, w1):
+    """Norm change |(|w1| - |w0|)| / |w0| and direction change 1 - cos(w0, w1), per output row, averaged over rows: a
+    (norm, direction) pair of fractions (x100 for the paper's percent)."""
+    w0, w1 = w0.double().flatten(1), w1.double().flatten(1)
+    n0, n1 = w0.norm(dim=1), w1.norm(dim=1)
+    return ((n1 - n0).abs() / n0).mean().item(), (1 - F.cosine_similarity(w0, w1, dim=1)).mean().item()
+
+
+@torch.no_grad()
 def direction_vs_norm(teacher, student):
     """The paper's Fig. 1 and Table 2 columns on the student: per layer (Linear, and conv for full fine-tuning), the
-    norm change NM and direction change DM of lorad.weight_change (x100, as the paper prints them), their ratio, and
+    norm change NM and direction change DM of weight_change (x100, as the paper prints them), their ratio, and
     the share of the direction residual's energy (squared singular values of the row-normalised W1 minus W0) that its
     top 30% singular values hold, the paper's "30% of the rank recovers 93%". DM = 1 - cos is second order in a
     small change (~angle^2 / 2) while NM is first order, so a small step reads as a norm change: the row's angle
@@ -35,7 +43,7 @@ def direction_vs_norm(teacher, student):
         for name, m in teacher.named_modules():
             if type(m) is kind:
                 w0, w1 = m.weight.double().flatten(1), mine[name].weight.double().flatten(1)
-                nm, dm = lorad.weight_change(w0, w1)
+                nm, dm = weight_change(w0, w1)
                 angle = torch.arccos(F.cosine_similarity(w0, w1, dim=1).clamp(-1, 1)).mean().item()
                 s = torch.linalg.svdvals(F.normalize(w1, dim=1) - F.normalize(w0, dim=1)).square()
                 top = s[:max(1, round(0.3 * len(s)))].sum() / s.sum() if s.sum() > 0 else torch.tensor(math.nan)  # unchanged
