@@ -68,20 +68,22 @@ def reuse_rotations(model):
     """Inside the block, each LoRaD layer of `model` forms W' (and casts its bias) once per value of its angles, not
     in each call and backward (~6 GPU kernel launches): a step of an optimizer that holds them makes it form W' anew.
     Angles changed otherwise (loaded, edited) need the block left. Holds one W' per layer, in the matmul's dtype."""
-    layers = {id(m.theta_a): m for _, m in _lorad_modules(model)}  # no other tensor has these ids while they hold them
+    layers = [m for _, m in _lorad_modules(model)]
+    angles = {id(p): p for m in layers for p in (m.theta_a, m.theta_b)}  # held: their ids are never another's
 
     def forget(optimizer, *_):  # after every optimizer's step (fused ones do not bump the angles' _version)
-        if any(id(p) in layers for group in optimizer.param_groups for p in group["params"]):
-            for m in layers.values():
+        if any(angles.get(id(p)) is p for group in optimizer.param_groups for p in group["params"]):
+            for m in layers:
                 m._reuse.clear()
-    for m in layers.values():
-        m._reuse = {}  # the matmul's dtype -> (W', bias) in it
+    outer = [m._reuse for m in layers]  # an enclosing block's cache: shared, and given back at the end
+    for m in layers:
+        m._reuse = {} if m._reuse is None else m._reuse  # the matmul's dtype -> (W', bias) in it
     with register_optimizer_step_post_hook(forget):  # removed at the block's end
         try:
             yield
         finally:
-            for m in layers.values():
-                m._reuse = None
+            for m, cache in zip(layers, outer):
+                m._reuse = cache
 
 
 def _autocast_dtype(device):
@@ -150,6 +152,9 @@ class LoRaDLinear(nn.Linear):
         self.theta_b = nn.Parameter(torch.empty(rank, self.in_features // 2, device=device, dtype=torch.float32))
         nn.init.xavier_uniform_(self.theta_b)
         self._reuse = None  # W' by dtype, inside reuse_rotations()
+
+    def __getstate__(self):  # a copy (deepcopy, pickle) made inside reuse_rotations() forms its own W'
+        return {**super().__getstate__(), "_reuse": None}
 
     def forward(self, x):
         return _LoRaDFunction.apply(x, self.weight, self.bias, self.theta_a, self.theta_b, self._reuse)

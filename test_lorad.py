@@ -261,6 +261,36 @@ def test_reuse_rotations_follows_the_optimizer(fused):
     assert (n_every, n_once) == (20, 10)  # 2 layers x 5 steps x (forward, backward), then x forward alone
 
 
+@pytest.mark.parametrize("case", ["theta_b alone", "nested", "copied inside"])
+def test_reuse_rotations_is_safe_for_any_use(case):
+    """An optimizer of theta_b alone, a block inside another, a copy of the model made inside the block: each trains
+    as without the block (5 steps at lr 0.1)."""
+    import copy
+    import lorad
+
+    def train(reuse):
+        model, x = small_lorad_mlp()
+        with lorad.reuse_rotations(model) if reuse else contextlib.nullcontext():
+            if case == "copied inside":
+                model(x)
+                model = copy.deepcopy(model)
+            params = [m.theta_b for m in model.modules() if isinstance(m, LoRaDLinear)] if case == "theta_b alone" else \
+                [p for p in model.parameters() if p.requires_grad]
+            opt, losses = torch.optim.AdamW(params, lr=0.1), []
+            for _ in range(5):
+                with lorad.reuse_rotations(model) if reuse and case == "nested" else contextlib.nullcontext():
+                    loss = model(x).square().mean()
+                    loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+        if case == "copied inside":  # and after the block, the copy still follows its angles
+            opt.step(), losses.append(model(x).square().mean().item())
+        return losses
+    every_time = train(False)
+    assert train(True) == pytest.approx(every_time, rel=1e-6) and len(set(every_time)) == len(every_time)
+
+
 def test_odd_input_dim_is_a_clear_error():
     with pytest.raises(ValueError, match="odd"):
         LoRaDLinear(nn.Linear(7, 4), 2)

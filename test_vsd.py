@@ -685,7 +685,7 @@ def test_exported_pipeline_reproduces_the_generator(full_run, tiny):
 
 
 def test_readme_controlnet_in_one_step(full_run, tiny, tmp_path):
-    """The README's ControlNet recipe on the exported pipeline, with a tiny ControlNet made from its UNet (the zero
+    """docs/controlnet.md's recipe on the exported pipeline, with a tiny ControlNet made from its UNet (the zero
     convolutions given random weights, as a trained ControlNet's are): one ControlNet and one UNet call, both at
     t = 999, and the latents are the trainer's x0 formula with the ControlNet's residuals in the UNet call. Prints
     the one-step pipeline's time against the multi-step one (the tiny teacher, 25 steps, CFG 7.5)."""
@@ -700,7 +700,7 @@ def test_readme_controlnet_in_one_step(full_run, tiny, tmp_path):
     controlnet.save_pretrained(tmp_path / "controlnet")
     edges = torch.rand(64, 64, generator=g) > 0.9  # sparse white pixels on black, like an edge map
     Image.fromarray(edges.numpy().astype("uint8") * 255).convert("RGB").save(tmp_path / "edges.png")
-    snippet = [b for b in readme_blocks("python") if "StableDiffusionControlNetPipeline" in b][0]
+    snippet = [b for b in readme_blocks("python", "docs/controlnet.md") if "StableDiffusionControlNetPipeline" in b][0]
     for old, new in [('"lllyasviel/sd-controlnet-canny"', tmp_path / "controlnet"),
                      ('"wadi-out/pipeline"', full_run / "pipeline"), ('"edges.png"', tmp_path / "edges.png"),
                      ('"shiba-edges.png"', tmp_path / "shiba-edges.png")]:
