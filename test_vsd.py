@@ -621,6 +621,18 @@ def test_resume_uses_the_learning_rates_given(full_run, tmp_path):
     assert max((one_go[k] - before[k]).abs().max() for k in before) > 1e-3
 
 
+def test_resume_past_max_train_steps_is_refused(full_run, tmp_path, capsys):
+    """A checkpoint at step 4 resumed with --max_train_steps 3: one error line, the folder as it was (an export would
+    carry step 3's name on step 4's student)."""
+    out = tmp_path / "out"
+    shutil.copytree(full_run, out)
+    before = snapshot(out)
+    with pytest.raises(wadi.UserError, match="checkpoint-4 is at step 4, past --max_train_steps 3"):
+        wadi.main([*RUN_ARGS, "--output_dir", str(out), "--train_batch_size", "2", "--max_train_steps", "3",
+                   "--resume_from_checkpoint", "latest"])
+    assert snapshot(out) == before
+
+
 def test_two_processes_equal_one(full_run, ddp_run):
     """2 processes x batch 1 (gloo all-reduce of the gradients) against 1 process x batch 2, same global batch.
 

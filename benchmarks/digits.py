@@ -21,12 +21,13 @@ import time
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 import wadi
 from benchmarks.digits_problem import (DIGIT_PROMPTS, DigitScorer, digit_noise, digit_samples, digit_split,
                                        train_digit_teacher)
 from benchmarks.plot import line_plot
-from benchmarks.toy import student_from
+from benchmarks.students import fit_by_regression, student_from
 from benchmarks.toy_problem import make_pairs
 from benchmarks.toy_table import ratio, weights_sha
 
@@ -36,6 +37,7 @@ DIGIT_RECIPE = ["--train_batch_size", "16", "--student_rank", "16", "--fake_rank
 # student's lr 1e-3 annealed, 5 fake updates per step and eq. 12 unweighted. CFG 1.5 on both scores: wadi.py's default.
 GUIDANCE = 1.5
 ROWS = ("real training split", "teacher, 25 steps", "teacher, 1 step", "student, 1 step")
+BASELINE = "regression baseline, 1 step"  # the last row of a --baseline record, in the student's place
 SHOWN = 2  # samples per digit in the picture
 
 
@@ -55,34 +57,71 @@ def teacher_part(out, args, x_train, y_train):
     return path, json.load(open(made))
 
 
-def student_part(out, args, teacher):
-    """DIR/student: wadi.py's own command line on the teacher; rerun only when the command changed."""
+def student_cmd(out, args, teacher, path):
+    """wadi.py's command line for a student of the teacher at `path`: the recipe, then the flags after --. Given
+    --regression_weight, DMD's pairs: the teacher's 25-step samples of 1,000 fixed noises (100 per digit), made once."""
     prompts = os.path.join(out, "prompts.txt")
     with open(prompts, "w") as f:
         f.write("\n".join(DIGIT_PROMPTS) + "\n")
-    path, S, flags = os.path.join(out, "student" + variant(args)), args.steps, [*DIGIT_RECIPE, *args.wadi_args]
-    if "--regression_weight" in flags and "--regression_pairs" not in flags:  # DMD's pairs: 25-step samples of the teacher
+    S, flags = args.steps, [*DIGIT_RECIPE, *args.wadi_args]
+    if "--regression_weight" in flags and "--regression_pairs" not in flags:
         flags += ["--regression_pairs", os.path.join(out, "regression-pairs.safetensors")]
         if not os.path.exists(flags[-1]):
             make_pairs(teacher, [p for p in DIGIT_PROMPTS for _ in range(100)], digit_noise(100, 3000), flags[-1])
-    cmd = [sys.executable, os.path.abspath(wadi.__file__), "--pretrained_model_name_or_path", teacher, "--prompts",
-           prompts, "--validation_prompts", *DIGIT_PROMPTS, "--output_dir", path, "--max_train_steps", str(S),
-           "--checkpointing_steps", str(max(1, S // 10)), "--validation_steps", str(S), "--seed", str(args.seed),
-           *flags]
-    shown, made = ["wadi.py", *cmd[2:]], path + ".json"  # as a record keeps it: the same from any checkout
-    if os.path.isdir(os.path.join(path, "pipeline")) and os.path.exists(made) and json.load(open(made))["cmd"] == shown:
-        return path, json.load(open(made))
+    return [sys.executable, os.path.abspath(wadi.__file__), "--pretrained_model_name_or_path", teacher, "--prompts",
+            prompts, "--validation_prompts", *DIGIT_PROMPTS, "--output_dir", path, "--max_train_steps", str(S),
+            "--checkpointing_steps", str(max(1, S // 10)), "--validation_steps", str(S), "--seed", str(args.seed),
+            *flags]
+
+
+def cached(path, shown):
+    """The record of how `path` was made (DIR/NAME.json), if it was made by the command `shown`."""
+    made = path + ".json"
+    return json.load(open(made)) if os.path.isdir(path) and os.path.exists(made) and json.load(open(made))["cmd"] == shown else None
+
+
+def student_part(out, args, teacher):
+    """DIR/student: wadi.py's own command line on the teacher; rerun only when the command changed."""
+    path = os.path.join(out, "student" + variant(args))
+    cmd = student_cmd(out, args, teacher, path)
+    shown = ["wadi.py", *cmd[2:]]  # as a record keeps it: the same from any checkout
+    if os.path.isdir(os.path.join(path, "pipeline")) and cached(path, shown):
+        return path, cached(path, shown)
     print(" ".join(shown), flush=True)
     shutil.rmtree(path, ignore_errors=True)
     t0, cpu0 = time.time(), children_cpu()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    json.dump(dict(cmd=shown, minutes=(time.time() - t0) / 60, cpu_minutes=(children_cpu() - cpu0) / 60), open(made, "w"))
-    return path, json.load(open(made))
+    json.dump(dict(cmd=shown, minutes=(time.time() - t0) / 60, cpu_minutes=(children_cpu() - cpu0) / 60), open(path + ".json", "w"))
+    return path, cached(path, shown)
+
+
+def baseline_part(out, args, teacher):
+    """DIR/baseline: the regression baseline. wadi.py's student on the same command line (adapter, rank, initial
+    angles, AdamW, clipping, batch, steps, lr annealed alike) fitted by DMD's regression alone onto the pairs, no
+    VSD: the teacher's one-step map shown to the student directly, pair by pair. A lower bound on what this adapter,
+    rank, lr and budget make of the map, not a bound on the map."""
+    path = os.path.join(out, "baseline" + variant(args))
+    cmd = student_cmd(out, args, teacher, path)
+    if "--regression_weight" not in cmd:
+        cmd = student_cmd(out, argparse.Namespace(**{**vars(args), "wadi_args": [*args.wadi_args, "--regression_weight", "1"]}), teacher, path)
+    shown = ["wadi.py", *cmd[2:]]
+    if cached(path, shown):
+        return path, cached(path, shown)
+    t0, cpu0 = time.time(), time.process_time()
+    run = wadi.setup(wadi.parse_args([*cmd[2:], "--output_dir", path + ".tmp"]))
+    fit_by_regression(run, lambda step: wadi.regression_loss(run, wadi.draw(run, step)))
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    save_file({k: v.contiguous() for k, v in wadi.own_tensors(run.student, run.teacher).items()}, os.path.join(path, f"student_{run.args.adapter}.safetensors"))
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
+    json.dump(dict(cmd=shown, minutes=(time.time() - t0) / 60, cpu_minutes=(time.process_time() - cpu0) / 60), open(path + ".json", "w"))
+    return path, cached(path, shown)
 
 
 def variant(args):
-    """The wadi.py flags beyond the recipe's, as a name: each variant's student and record of its own."""
-    return "".join("-" + a[2:] if a.startswith("--") else a for a in args.wadi_args)
+    """The wadi.py flags beyond the recipe's, as a name: each variant's student and record of its own (a path by its
+    file name)."""
+    return "".join("-" + a[2:] if a.startswith("--") else os.path.basename(a) for a in args.wadi_args)
 
 
 def children_cpu():
@@ -97,7 +136,7 @@ def bench_digits(args):
     os.makedirs(out, exist_ok=True)
     x_train, x_test, y_train, y_test = digit_split()
     teacher, teacher_made = teacher_part(out, args, x_train, y_train)
-    student, student_made = student_part(out, args, teacher)
+    student, student_made = (baseline_part if args.baseline else student_part)(out, args, teacher)
     # every sample through a stock diffusers pipeline: the teacher's folder, and wadi.py's export
     scorer, n = DigitScorer(x_train, y_train, x_test, y_test), args.samples
     y = np.repeat(np.arange(10), n)
@@ -112,8 +151,12 @@ def bench_digits(args):
     teacher_x = np.load(cache)
     pipe.scheduler = one_step
     samples = {ROWS[0]: (x_train, y_train), ROWS[1]: (teacher_x["x25"], y), ROWS[2]: (teacher_x["x1"], y)}
-    exported = StableDiffusionPipeline.from_pretrained(os.path.join(student, "pipeline"), low_cpu_mem_usage=False)
-    samples[ROWS[3]] = (digit_samples(exported, 1, 0, n), y)
+    if args.baseline:  # the fitted UNet in the teacher's pipeline, as wadi.py would export it
+        pipe.unet = student_from(teacher, student)
+        samples[BASELINE] = (digit_samples(pipe, 1, 0, n), y)
+    else:
+        exported = StableDiffusionPipeline.from_pretrained(os.path.join(student, "pipeline"), low_cpu_mem_usage=False)
+        samples[ROWS[3]] = (digit_samples(exported, 1, 0, n), y)
     rows = {name: scorer.scores_with_errors(x, labels) for name, (x, labels) in samples.items()}
     # over training: each checkpoint's student (its EMA where kept: what wadi.py exports), in one step
     curve = {0: {k: rows[ROWS[2]]["classifier"][k] for k in ("fd", "accuracy")}}
@@ -124,9 +167,9 @@ def bench_digits(args):
     shown = lambda x, labels: [np.round(16 * x[labels == d][:SHOWN]).astype(int).tolist() for d in range(10)]
     record = dict(seed=args.seed, teacher=teacher_made, student=student_made, samples_per_digit=n, heldout=len(y_test),
                   classifier_accuracy=scorer.accuracy, rows=rows, curve=curve,
-                  images={"real digits (held out)": shown(x_test, y_test), **{name: shown(*samples[name]) for name in ROWS[1:]}})
+                  images={"real digits (held out)": shown(x_test, y_test), **{name: shown(*samples[name]) for name in list(samples)[1:]}})
     os.makedirs(args.records, exist_ok=True)
-    with open(os.path.join(args.records, f"digits-seed{args.seed}{variant(args)}.json"), "w") as f:
+    with open(os.path.join(args.records, f"digits-seed{args.seed}{'-baseline' if args.baseline else ''}{variant(args)}.json"), "w") as f:
         json.dump(record, f)
     digits_table(args.records, args.assets)
 
@@ -145,20 +188,26 @@ def digits_table(records, assets):
               f"student {r['student']['minutes']:.0f} min: {' '.join(r['student']['cmd'][r['student']['cmd'].index('--seed'):])}")
         for space in ("classifier", "pca"):
             print(f"\n{'classifier features' if space == 'classifier' else 'PCA features (16 components of the real pixels)'}"
-                  " | FD | precision | recall | adherence | smallest recall of a digit | smallest adherence of a digit |")
-            print("|---|---|---|---|---|---|---|")
-            for name in ROWS:
+                  " | FD | precision | recall | adherence | smallest recall of a digit | smallest adherence of a digit "
+                  "| blank pixels |")
+            print("|---|---|---|---|---|---|---|---|")
+            for name in r["rows"]:
                 s = r["rows"][name][space]
                 cell = lambda k, f: f"{s[k]:{f}} ± {s['err'][k]:{f}}"
                 print(f"| {name} | {cell('fd', '.2f')} | {cell('precision', '.3f')} | {cell('recall', '.3f')} "
-                      f"| {cell('accuracy', '.3f')} | {cell('min_recall', '.3f')} | {min(s['accuracy_per_digit']):.3f} |")
-            s, t = r["rows"][ROWS[3]][space], r["rows"][ROWS[1]][space]
-            print(f"student / teacher at 25 steps: FD {ratio(s['fd'], t['fd']):.2f}x (goal <= 1.25x), adherence "
+                      f"| {cell('accuracy', '.3f')} | {cell('min_recall', '.3f')} | {min(s['accuracy_per_digit']):.3f} "
+                      f"| {cell('blank', '.3f')} |")
+            last = list(r["rows"])[-1]  # the student, or the regression baseline
+            s, t = r["rows"][last][space], r["rows"][ROWS[1]][space]
+            print(f"{last.split(',')[0]} / teacher at 25 steps: FD {ratio(s['fd'], t['fd']):.2f}x (goal <= 1.25x), adherence "
                   f"{ratio(s['accuracy'], t['accuracy']):.2f}x (>= 0.95x), recall {ratio(s['recall'], t['recall']):.2f}x "
                   f"(>= 0.85x); every digit present (adherence >= 0.5 for each): {min(s['accuracy_per_digit']) >= 0.5}; "
                   f"teacher adherence {t['accuracy']:.3f} (>= 0.90)")
+    students = [path for path in found if len(json.load(open(path))["curve"]) > 1]  # not a --baseline record
+    if not students:
+        return
     base = os.path.join(records, "digits-seed0.json")  # the pictures: seed 0 at the recipe, where recorded
-    r = json.load(open(base if base in found else found[0]))
+    r = json.load(open(base if base in students else students[0]))
     os.makedirs(assets, exist_ok=True)
     digit_picture(os.path.join(assets, "digits.png"), r["images"])
     steps = sorted(int(k) for k in r["curve"])
@@ -198,6 +247,8 @@ def main(argv=None):
     p.add_argument("--records", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "records"))
     p.add_argument("--assets", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets"),
                    help="where --table and a run write digits.png and digits-curve.png")
+    p.add_argument("--baseline", action="store_true",
+                   help="the regression baseline in the student's place: its flags fitted by DMD's regression alone")
     p.add_argument("--table", action="store_true", help="no run: the tables and pictures from the records")
     p.add_argument("wadi_args", nargs="*", help="more wadi.py flags, after --")
     args = p.parse_args(argv)

@@ -135,7 +135,8 @@ class DigitScorer:
     def scores(self, x, y, space="classifier", k=3):
         """x: (n, 64) pixels whose prompt (or label) is y, against the held-out digits: FD, precision and recall
         (Kynkaanniemi et al. 2019: the share of one set inside the other's k-NN balls), adherence (the classifier's
-        accuracy against y), and recall per digit (within that digit's samples alone)."""
+        accuracy against y), recall per digit (within that digit's samples alone), and the share of blank pixels (no
+        ink: the data's background, about half of every real digit; a noisy background lowers it)."""
         from benchmarks.toy_problem import frechet_distance
         x_ref, y_ref = self.ref
         f, f_ref = self.features(x, space), self.features(x_ref, space)
@@ -144,6 +145,7 @@ class DigitScorer:
         right = self.clf.predict(x) == y
         return dict(fd=frechet_distance(f, f_ref), precision=inside(f, f_ref).mean().item(),
                     recall=inside(f_ref, f).mean().item(), accuracy=right.mean(), min_recall=min(per_digit),
+                    blank=float(np.mean(x == 0)),
                     recall_per_digit=per_digit, accuracy_per_digit=[right[y == d].mean() if (y == d).any() else 0.0
                                                                     for d in range(10)])
 

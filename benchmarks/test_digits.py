@@ -12,9 +12,11 @@ import re
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from benchmarks import digits
-from benchmarks.digits_problem import DIGIT_PROMPTS, DigitScorer, digit_split, pixel_vae
+from benchmarks.digits_problem import DIGIT_PROMPTS, DigitScorer, digit_noise, digit_split, pixel_vae
+from benchmarks.toy_problem import make_pairs
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,6 +48,7 @@ def test_scores_known_cases(scorer):
     same = scorer.scores(x_ref, y_ref)  # the held-out digits against themselves
     assert abs(same["fd"]) < 1e-6 and same["precision"] == same["recall"] == same["min_recall"] == 1
     assert same["accuracy"] == pytest.approx(scorer.accuracy)
+    assert same["blank"] == np.count_nonzero(x_ref == 0) / x_ref.size and 0.4 < same["blank"] < 0.6  # ink on half
     # PCA features are affine in the pixels: a shift d of every image moves them by d's projection, covariances
     # unchanged, so FD is exactly the squared norm of that projection
     d = 0.02 * np.random.default_rng(0).standard_normal(64)
@@ -57,7 +60,7 @@ def test_scores_known_cases(scorer):
     # uniform noise: no digit (precision 0), about chance adherence, and an FD far above the real split's
     noise = scorer.scores(np.random.default_rng(1).random((1000, 64)), np.repeat(np.arange(10), 100))
     real = scorer.scores(*scorer_train(scorer))
-    assert noise["precision"] < 0.05 and noise["recall"] == 0 and noise["accuracy"] < 0.3
+    assert noise["precision"] < 0.05 and noise["recall"] == 0 and noise["accuracy"] < 0.3 and noise["blank"] == 0
     assert real["precision"] > 0.8 and real["recall"] > 0.8 and real["accuracy"] > 0.95 and noise["fd"] > 20 * real["fd"]
 
 
@@ -115,6 +118,15 @@ def test_digits_end_to_end(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out in printed  # the tables alone, the same
     digits.main(["--table", "--records", records, "--assets", assets])
     assert capsys.readouterr().out in printed
+    # the regression baseline: the recipe's student fitted by DMD's regression alone, a row in the student's place
+    pairs = os.path.join(out, "pairs.safetensors")
+    make_pairs(os.path.join(out, "teacher"), DIGIT_PROMPTS[:4], digit_noise(1)[:4], pairs)
+    digits.main(["--baseline", *small, "--", "--regression_pairs", pairs])
+    record = json.load(open(os.path.join(records, "digits-seed0-baseline-regression_pairspairs.safetensors.json")))
+    assert list(record["rows"]) == [*digits.ROWS[:3], digits.BASELINE] and "--regression_weight" in record["student"]["cmd"]
+    fitted = load_file(os.path.join(out, "baseline-regression_pairspairs.safetensors", "student_lorad.safetensors"))
+    assert all(v.abs().max() > 0 for k, v in fitted.items() if k.endswith("theta_a"))  # fitted: theta_a starts at 0
+    assert "regression baseline / teacher at 25 steps" in capsys.readouterr().out
 
 
 def readme_lines():

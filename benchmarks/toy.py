@@ -23,10 +23,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-import lorad
 import wadi
 from tiny import build_tiny_pipeline
 from benchmarks.plot import line_plot
+from benchmarks.students import fit_by_regression, lorad_from, student_from
 from benchmarks.toy_table import direction_vs_norm, ratio, toy_table, weights_sha
 from benchmarks.toy_problem import (TOY_NOISE, TOY_PROMPTS, make_pairs, toy_data, toy_exact_eps, toy_modes, toy_noise,
                                      toy_samples, toy_scores, toy_tau)
@@ -93,32 +93,6 @@ TOY_RECIPE = ["--train_batch_size", "16", "--student_rank", "16", "--fake_rank",
 # -- --learning_rate 3e-3 --student_rank 64 --regression_weight 1 --fake_updates 3 on the details toy (docs/details.md).
 
 
-def lorad_from(teacher, path, layers):
-    """The teacher's UNet with the LoRaD angles of a checkpoint file (rank read off theta_a), unmerged."""
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-    angles = load_file(path)
-    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", low_cpu_mem_usage=False)
-    lorad.add_lorad(unet, next(v for k, v in angles.items() if k.endswith("theta_a")).shape[1], **layers)
-    lorad.load_lorad(unet, angles)
-    return unet.eval()
-
-
-def student_from(teacher, ckpt):
-    """The teacher's UNet with the student of a checkpoint folder (its EMA where the run kept one: what wadi.py
-    exports), whatever its adapter (read off the file name {student|ema}_{adapter}; the rank off its tensors), unmerged."""
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-    (path,) = glob.glob(os.path.join(ckpt, "ema_*.safetensors")) or glob.glob(os.path.join(ckpt, "student_*.safetensors"))
-    adapter, state = os.path.basename(path).split("_", 1)[1][:-len(".safetensors")], load_file(path)
-    rank = next((v.shape[1] if k.endswith("theta_a") else v.shape[0] for k, v in state.items()
-                 if k.endswith("theta_a") or "lora_A" in k), 1)
-    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet", low_cpu_mem_usage=False)
-    student = wadi.share_base(unet, rank, wadi.STUDENT_LAYERS, adapter)
-    wadi.load_own(student, unet, state)
-    return student.eval()
-
-
 def toy_ceiling(pipe, wadi_argv, n=384, anneal=False):
     """A regression baseline (constant lr): wadi.py's own student (wadi.setup on the distillation's command line: the
     same adapter, rank, initial angles, AdamW, clipping, batch and steps) fitted straight onto the teacher's 25-step
@@ -142,11 +116,7 @@ def toy_ceiling(pipe, wadi_argv, n=384, anneal=False):
             return F.mse_loss(wadi.one_step(run.student, z[i], cond[i], run.abar), target[i])
     with torch.no_grad():
         before = fit(slice(None)).item()
-    for step in range(run.max_steps):
-        if anneal and run.args.lr_schedule == "linear":  # as wadi.train_step sets the student's lr
-            run.opt_s.param_groups[0]["lr"] = run.args.learning_rate * (1 - step / run.max_steps)
-        loss = fit(torch.randint(len(z), (run.args.train_batch_size,), generator=g))
-        wadi.update(loss, run.student_params, run.opt_s, run.scaler_s, run.world)
+    fit_by_regression(run, lambda step: fit(torch.randint(len(z), (run.args.train_batch_size,), generator=g)), anneal)
     with torch.no_grad():
         return run.student.eval(), before, fit(slice(None)).item()
 
