@@ -27,7 +27,7 @@ import wadi
 from benchmarks.digits_problem import (DIGIT_PROMPTS, DigitScorer, digit_noise, digit_samples, digit_split,
                                        train_digit_teacher)
 from benchmarks.plot import line_plot
-from benchmarks.students import fit_by_regression, student_from
+from benchmarks.students import fit_by_regression, frozen_parts, lorad_from, student_from
 from benchmarks.toy_problem import make_pairs
 from benchmarks.toy_table import ratio, weights_sha
 
@@ -77,7 +77,8 @@ def student_cmd(out, args, teacher, path):
 def cached(path, shown):
     """The record of how `path` was made (DIR/NAME.json), if it was made by the command `shown`."""
     made = path + ".json"
-    return json.load(open(made)) if os.path.isdir(path) and os.path.exists(made) and json.load(open(made))["cmd"] == shown else None
+    if os.path.isdir(path) and os.path.exists(made) and json.load(open(made))["cmd"] == shown:
+        return json.load(open(made))
 
 
 def student_part(out, args, teacher):
@@ -91,7 +92,8 @@ def student_part(out, args, teacher):
     shutil.rmtree(path, ignore_errors=True)
     t0, cpu0 = time.time(), children_cpu()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    json.dump(dict(cmd=shown, minutes=(time.time() - t0) / 60, cpu_minutes=(children_cpu() - cpu0) / 60), open(path + ".json", "w"))
+    json.dump(dict(cmd=shown, minutes=(time.time() - t0) / 60, cpu_minutes=(children_cpu() - cpu0) / 60),
+              open(path + ".json", "w"))
     return path, cached(path, shown)
 
 
@@ -103,7 +105,8 @@ def baseline_part(out, args, teacher):
     path = os.path.join(out, "baseline" + variant(args))
     cmd = student_cmd(out, args, teacher, path)
     if "--regression_weight" not in cmd:
-        cmd = student_cmd(out, argparse.Namespace(**{**vars(args), "wadi_args": [*args.wadi_args, "--regression_weight", "1"]}), teacher, path)
+        with_weight = argparse.Namespace(**{**vars(args), "wadi_args": [*args.wadi_args, "--regression_weight", "1"]})
+        cmd = student_cmd(out, with_weight, teacher, path)
     shown = ["wadi.py", *cmd[2:]]
     if cached(path, shown):
         return path, cached(path, shown)
@@ -112,9 +115,11 @@ def baseline_part(out, args, teacher):
     fit_by_regression(run, lambda step: wadi.regression_loss(run, wadi.draw(run, step)))
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
-    save_file({k: v.contiguous() for k, v in wadi.own_tensors(run.student, run.teacher).items()}, os.path.join(path, f"student_{run.args.adapter}.safetensors"))
+    save_file({k: v.contiguous() for k, v in wadi.own_tensors(run.student, run.teacher).items()},
+              os.path.join(path, f"student_{run.args.adapter}.safetensors"))
     shutil.rmtree(path + ".tmp", ignore_errors=True)
-    json.dump(dict(cmd=shown, minutes=(time.time() - t0) / 60, cpu_minutes=(time.process_time() - cpu0) / 60), open(path + ".json", "w"))
+    json.dump(dict(cmd=shown, minutes=(time.time() - t0) / 60, cpu_minutes=(time.process_time() - cpu0) / 60),
+              open(path + ".json", "w"))
     return path, cached(path, shown)
 
 
@@ -164,14 +169,51 @@ def bench_digits(args):
         pipe.unet = student_from(teacher, ckpt)
         s = scorer.scores(digit_samples(pipe, 1, 0, n), y)
         curve[int(ckpt.rsplit("-", 1)[1])] = dict(fd=s["fd"], accuracy=s["accuracy"])
+    if ckpts := wadi.list_checkpoints(student):  # a VSD run: does eq. 11's gradient see its background noise?
+        blank = np.stack([x_train[y_train == d].mean(0) < 1 / 32 for d in range(10)])  # the real digits' mean: < 1/32
+        background = background_gradient(teacher, ckpts[-1], blank)
     shown = lambda x, labels: [np.round(16 * x[labels == d][:SHOWN]).astype(int).tolist() for d in range(10)]
     record = dict(seed=args.seed, teacher=teacher_made, student=student_made, samples_per_digit=n, heldout=len(y_test),
                   classifier_accuracy=scorer.accuracy, rows=rows, curve=curve,
-                  images={"real digits (held out)": shown(x_test, y_test), **{name: shown(*samples[name]) for name in list(samples)[1:]}})
+                  **({"background": background} if ckpts else {}),
+                  images={"real digits (held out)": shown(x_test, y_test),
+                          **{name: shown(*samples[name]) for name in list(samples)[1:]}})
     os.makedirs(args.records, exist_ok=True)
-    with open(os.path.join(args.records, f"digits-seed{args.seed}{'-baseline' if args.baseline else ''}{variant(args)}.json"), "w") as f:
+    name = f"digits-seed{args.seed}{'-baseline' if args.baseline else ''}{variant(args)}.json"
+    with open(os.path.join(args.records, name), "w") as f:
         json.dump(record, f)
     digits_table(args.records, args.assets)
+
+
+VSD_BUCKETS = [(1, 20), (20, 100), (100, 300), (300, 600), (600, 981)]  # t in [lo, hi): the first, below eq. 11's
+
+
+@torch.no_grad()
+def background_gradient(teacher, ckpt, blank, n=16):
+    """Does eq. 11's gradient see the student's noisy background? At a checkpoint, on n fixed noises per digit: e is the
+    student's x0 minus the data's background level (pixel 0) on each digit's background (`blank`: (10, 64) booleans),
+    0 elsewhere. Per timestep bucket, the VSD gradient g = (1 - abar_t)(eps_real -
+    eps_fake) (the student's x0 moves along -g) on those pixels: its cosine with e (> 0: it points the right way) and
+    its size beside e's. The first bucket lies below the timesteps eq. 11 draws from (T_VSD), for comparison."""
+    from diffusers import AutoencoderKL
+    run, unet, abar = frozen_parts(teacher)
+    student = student_from(teacher, ckpt)
+    fake = lorad_from(teacher, os.path.join(ckpt, "fake_lorad.safetensors"), wadi.FAKE_LAYERS)
+    level = -AutoencoderKL.load_config(teacher, subfolder="vae")["scaling_factor"]  # pixel 0 = image -1, as a latent
+    cond = wadi.encode(run, DIGIT_PROMPTS).repeat_interleave(n, 0)
+    null, mask = wadi.encode(run, [""]).expand_as(cond), torch.tensor(blank).repeat_interleave(n, 0)
+    g = torch.Generator().manual_seed(5)
+    x0 = wadi.one_step(student, digit_noise(n, 2000), cond, abar)
+    e = (x0.flatten(1) - level) * mask
+    rows = {}
+    for lo, hi in VSD_BUCKETS:
+        t = torch.randint(lo, hi, (len(x0),), generator=g)
+        x_t = wadi.diffuse(x0, t, torch.randn(x0.shape, generator=g), abar)
+        grad = ((1 - abar[t]).view(-1, 1) * (wadi.guided_eps(unet, x_t, t, cond, null, GUIDANCE)
+                                             - wadi.guided_eps(fake, x_t, t, cond, null, GUIDANCE)).flatten(1)) * mask
+        rows[f"{lo}-{hi - 1}"] = dict(cos=torch.nn.functional.cosine_similarity(grad, e, dim=1).mean().item(),
+                                      size=(grad.norm(dim=1) / e.norm(dim=1)).mean().item())
+    return dict(rows, noise=(e.norm(dim=1) / mask.sum(1).sqrt()).mean().item())  # e's rms per background pixel
 
 
 def digits_table(records, assets):
@@ -203,6 +245,11 @@ def digits_table(records, assets):
                   f"{ratio(s['accuracy'], t['accuracy']):.2f}x (>= 0.95x), recall {ratio(s['recall'], t['recall']):.2f}x "
                   f"(>= 0.85x); every digit present (adherence >= 0.5 for each): {min(s['accuracy_per_digit']) >= 0.5}; "
                   f"teacher adherence {t['accuracy']:.3f} (>= 0.90)")
+        if "background" in r:
+            b = r["background"]
+            print(f"\nthe student's background noise (rms {b['noise']:.3f} per blank pixel, latent units) and eq. 11's "
+                  "gradient there, by timestep (cosine > 0: it removes the noise; size: |gradient| / |noise|): "
+                  + ", ".join(f"t {k}: cos {v['cos']:.2f}, size {v['size']:.3f}" for k, v in b.items() if k != "noise"))
     students = [path for path in found if len(json.load(open(path))["curve"]) > 1]  # not a --baseline record
     if not students:
         return

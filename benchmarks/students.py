@@ -1,7 +1,11 @@
 """The benchmarks' students outside wadi.py's loop: a checkpoint's student or fake model as a UNet, and the regression
 baseline's fit (wadi.py's own student fitted by regression alone, no VSD)."""
+import argparse
+import contextlib
 import glob
 import os
+
+import torch
 
 import lorad
 import wadi
@@ -41,3 +45,12 @@ def fit_by_regression(run, loss_at, anneal=True):
             run.opt_s.param_groups[0]["lr"] = run.args.learning_rate * (1 - step / run.max_steps)
         wadi.update(loss_at(step), run.student_params, run.opt_s, run.scaler_s, run.world)
     return run.student.eval()
+
+
+def frozen_parts(teacher):
+    """The teacher's frozen parts on the CPU: a namespace that wadi.encode reads prompts with, its UNet and abar_t."""
+    from transformers import CLIPTokenizer
+    _, text_encoder, _, unet, scheduler = wadi.load_pipeline_parts(teacher, torch.device("cpu"), torch.float32)
+    run = argparse.Namespace(tokenizer=CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer"),
+                             text_encoder=text_encoder, device=torch.device("cpu"), autocast=contextlib.nullcontext())
+    return run, unet, scheduler.alphas_cumprod.float()

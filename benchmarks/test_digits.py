@@ -8,11 +8,12 @@ import hashlib
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from benchmarks import digits
 from benchmarks.digits_problem import DIGIT_PROMPTS, DigitScorer, digit_noise, digit_split, pixel_vae
@@ -108,6 +109,17 @@ def test_digits_end_to_end(tmp_path, capsys, monkeypatch):
     assert list(record["rows"]) == list(digits.ROWS) and sorted(record["curve"], key=int) == ["0", "1", "2"]
     assert all(set(row) == {"classifier", "pca"} for row in record["rows"].values())
     assert [len(digit) for digit in record["images"].values()] == [10] * 4
+    buckets = [f"{lo}-{hi - 1}" for lo, hi in digits.VSD_BUCKETS]
+    assert list(record["background"]) == [*buckets, "noise"] and record["background"]["noise"] > 0
+    assert all(-1 <= record["background"][k]["cos"] <= 1 and record["background"][k]["size"] > 0 for k in buckets)
+    # a fake model equal to the teacher (theta_a = 0) makes eq. 11's gradient 0 on every pixel
+    same = tmp_path / "fake-is-teacher"
+    shutil.copytree(os.path.join(out, "student", "checkpoint-2"), same)
+    fake = load_file(same / "fake_lorad.safetensors")
+    save_file({k: 0 * v if k.endswith("theta_a") else v for k, v in fake.items()}, same / "fake_lorad.safetensors")
+    blank = np.ones((10, 64), dtype=bool)
+    assert all(v["size"] == 0 for k, v in digits.background_gradient(os.path.join(out, "teacher"), str(same), blank).items()
+               if k != "noise")
     assert os.path.isdir(os.path.join(out, "student", "pipeline"))
     from PIL import Image
     assert Image.open(os.path.join(assets, "digits.png")).size == (130 + 20 * 42, 4 * 42)
@@ -126,7 +138,7 @@ def test_digits_end_to_end(tmp_path, capsys, monkeypatch):
     assert list(record["rows"]) == [*digits.ROWS[:3], digits.BASELINE] and "--regression_weight" in record["student"]["cmd"]
     fitted = load_file(os.path.join(out, "baseline-regression_pairspairs.safetensors", "student_lorad.safetensors"))
     assert all(v.abs().max() > 0 for k, v in fitted.items() if k.endswith("theta_a"))  # fitted: theta_a starts at 0
-    assert "regression baseline / teacher at 25 steps" in capsys.readouterr().out
+    assert "regression baseline / teacher at 25 steps" in capsys.readouterr().out and "background" not in record
 
 
 def readme_lines():
