@@ -621,7 +621,7 @@ def test_resume_uses_the_learning_rates_given(full_run, tmp_path):
     assert max((one_go[k] - before[k]).abs().max() for k in before) > 1e-3
 
 
-def test_resume_past_max_train_steps_is_refused(full_run, tmp_path, capsys):
+def test_resume_past_max_train_steps_is_refused(full_run, tmp_path):
     """A checkpoint at step 4 resumed with --max_train_steps 3: one error line, the folder as it was (an export would
     carry step 3's name on step 4's student)."""
     out = tmp_path / "out"

@@ -294,7 +294,8 @@ def setup(args, parts=None):
     run.world, run.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     cuda = torch.cuda.is_available()
     run.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
-    torch.cuda.set_device(run.device) if cuda else None
+    if cuda:
+        torch.cuda.set_device(run.device)
     if run.world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     run.mixed_precision = mp = args.mixed_precision or ("bf16" if cuda else "no")
@@ -526,12 +527,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from tqdm import tqdm
-    args = parse_args(argv)
-    run = setup(args)
+    run = setup(args := parse_args(argv))
     run.command = shlex.join(["python", "wadi.py", *(sys.argv[1:] if argv is None else argv)])  # for the model card
     start = load_checkpoint(run, run.resume) if run.resume else 0
     if start > run.max_steps:  # nothing to train, and the export would be named for the lower step
-        raise UserError(f"{run.resume} is at step {start}, past --max_train_steps {run.max_steps}: pass {start} or more")
+        raise UserError(f"{run.resume} is at step {start}, past --max_train_steps {run.max_steps}: give {start} or more")
     master, out, bad_in_a_row = run.rank == 0, args.output_dir, 0
     peak_memory_gib = lambda: (torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda"
                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # CPU: peak RSS, in KiB

@@ -4,6 +4,7 @@
     python bench.py digits --seed 1           # a second seed: bench-out/digits-seed1
     python bench.py digits --table            # the tables, assets/digits.png and its curve from the records, no run
     python bench.py digits -- --fake_updates 3   # flags after -- go to wadi.py
+    python bench.py digits --baseline -- --student_rank 64   # the regression baseline of those flags (~6 CPU-minutes)
 
 A text-to-image teacher trained on the real digits (benchmarks/digits_problem.py), distilled by wadi.py's own
 command line into a one-step student, both sampled through stock diffusers pipelines and scored against the
@@ -27,7 +28,7 @@ import wadi
 from benchmarks.digits_problem import (DIGIT_PROMPTS, DigitScorer, digit_noise, digit_samples, digit_split,
                                        train_digit_teacher)
 from benchmarks.plot import line_plot
-from benchmarks.students import fit_by_regression, frozen_parts, lorad_from, student_from
+from benchmarks.students import fit_by_regression, student_from, vsd_models
 from benchmarks.toy_problem import make_pairs
 from benchmarks.toy_table import ratio, weights_sha
 
@@ -35,6 +36,9 @@ DIGIT_RECIPE = ["--train_batch_size", "16", "--student_rank", "16", "--fake_rank
                 "--fake_updates", "5", "--lr_schedule", "linear", "--fake_weighting", "none"]
 # The toy's recipe (benchmarks/toy.py TOY_RECIPE): the paper's, with ranks and batch scaled to the tiny UNet, the
 # student's lr 1e-3 annealed, 5 fake updates per step and eq. 12 unweighted. CFG 1.5 on both scores: wadi.py's default.
+REAL_IMAGES = ["--adapter", "full", "--learning_rate", "1e-4", "--regression_weight", "1"]
+# What the digits need beyond it (docs/digits.md): a student that can fit the one-step map (full fine-tuning; its lr
+# the toy's), and DMD's regression, which clears the background noise that VSD leaves. The picture shows this student.
 GUIDANCE = 1.5
 ROWS = ("real training split", "teacher, 25 steps", "teacher, 1 step", "student, 1 step")
 BASELINE = "regression baseline, 1 step"  # the last row of a --baseline record, in the student's place
@@ -59,26 +63,34 @@ def teacher_part(out, args, x_train, y_train):
 
 def student_cmd(out, args, teacher, path):
     """wadi.py's command line for a student of the teacher at `path`: the recipe, then the flags after --. Given
-    --regression_weight, DMD's pairs: the teacher's 25-step samples of 1,000 fixed noises (100 per digit), made once."""
+    --regression_weight, DMD's pairs: the teacher's 25-step samples of --pairs fixed noises per digit, made once."""
     prompts = os.path.join(out, "prompts.txt")
     with open(prompts, "w") as f:
         f.write("\n".join(DIGIT_PROMPTS) + "\n")
     S, flags = args.steps, [*DIGIT_RECIPE, *args.wadi_args]
     if "--regression_weight" in flags and "--regression_pairs" not in flags:
-        flags += ["--regression_pairs", os.path.join(out, "regression-pairs.safetensors")]
+        n = args.pairs
+        flags += ["--regression_pairs", os.path.join(out, f"regression-pairs{'' if n == 100 else f'-{n}'}.safetensors")]
         if not os.path.exists(flags[-1]):
-            make_pairs(teacher, [p for p in DIGIT_PROMPTS for _ in range(100)], digit_noise(100, 3000), flags[-1])
+            make_pairs(teacher, [p for p in DIGIT_PROMPTS for _ in range(n)], digit_noise(n, 3000), flags[-1])
     return [sys.executable, os.path.abspath(wadi.__file__), "--pretrained_model_name_or_path", teacher, "--prompts",
             prompts, "--validation_prompts", *DIGIT_PROMPTS, "--output_dir", path, "--max_train_steps", str(S),
             "--checkpointing_steps", str(max(1, S // 10)), "--validation_steps", str(S), "--seed", str(args.seed),
             *flags]
 
 
-def cached(path, shown):
-    """The record of how `path` was made (DIR/NAME.json), if it was made by the command `shown`."""
+def cached_part(path, shown, make, cpu_seconds):
+    """`path` and how it was made (path.json: the command `shown`, wall and CPU minutes); make() runs only when path
+    is missing or another command made it."""
     made = path + ".json"
-    if os.path.isdir(path) and os.path.exists(made) and json.load(open(made))["cmd"] == shown:
-        return json.load(open(made))
+    if not (os.path.isdir(path) and os.path.exists(made) and json.load(open(made))["cmd"] == shown):
+        if os.path.exists(made):
+            os.remove(made)  # a kill during make() leaves no record of an older, same command
+        t0, cpu0 = time.time(), cpu_seconds()
+        make()
+        json.dump(dict(cmd=shown, minutes=(time.time() - t0) / 60, cpu_minutes=(cpu_seconds() - cpu0) / 60),
+                  open(made, "w"))
+    return path, json.load(open(made))
 
 
 def student_part(out, args, teacher):
@@ -86,15 +98,12 @@ def student_part(out, args, teacher):
     path = os.path.join(out, "student" + variant(args))
     cmd = student_cmd(out, args, teacher, path)
     shown = ["wadi.py", *cmd[2:]]  # as a record keeps it: the same from any checkout
-    if os.path.isdir(os.path.join(path, "pipeline")) and cached(path, shown):
-        return path, cached(path, shown)
-    print(" ".join(shown), flush=True)
-    shutil.rmtree(path, ignore_errors=True)
-    t0, cpu0 = time.time(), children_cpu()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    json.dump(dict(cmd=shown, minutes=(time.time() - t0) / 60, cpu_minutes=(children_cpu() - cpu0) / 60),
-              open(path + ".json", "w"))
-    return path, cached(path, shown)
+
+    def make():
+        print(" ".join(shown), flush=True)
+        shutil.rmtree(path, ignore_errors=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return cached_part(path, shown, make, children_cpu)
 
 
 def baseline_part(out, args, teacher):
@@ -103,24 +112,18 @@ def baseline_part(out, args, teacher):
     VSD: the teacher's one-step map shown to the student directly, pair by pair. A lower bound on what this adapter,
     rank, lr and budget make of the map, not a bound on the map."""
     path = os.path.join(out, "baseline" + variant(args))
-    cmd = student_cmd(out, args, teacher, path)
-    if "--regression_weight" not in cmd:
-        with_weight = argparse.Namespace(**{**vars(args), "wadi_args": [*args.wadi_args, "--regression_weight", "1"]})
-        cmd = student_cmd(out, with_weight, teacher, path)
-    shown = ["wadi.py", *cmd[2:]]
-    if cached(path, shown):
-        return path, cached(path, shown)
-    t0, cpu0 = time.time(), time.process_time()
-    run = wadi.setup(wadi.parse_args([*cmd[2:], "--output_dir", path + ".tmp"]))
-    fit_by_regression(run, lambda step: wadi.regression_loss(run, wadi.draw(run, step)))
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path)
-    save_file({k: v.contiguous() for k, v in wadi.own_tensors(run.student, run.teacher).items()},
-              os.path.join(path, f"student_{run.args.adapter}.safetensors"))
-    shutil.rmtree(path + ".tmp", ignore_errors=True)
-    json.dump(dict(cmd=shown, minutes=(time.time() - t0) / 60, cpu_minutes=(time.process_time() - cpu0) / 60),
-              open(path + ".json", "w"))
-    return path, cached(path, shown)
+    weight = [] if "--regression_weight" in args.wadi_args else ["--regression_weight", "1"]
+    cmd = student_cmd(out, argparse.Namespace(**{**vars(args), "wadi_args": [*args.wadi_args, *weight]}), teacher, path)
+    run = wadi.setup(wadi.parse_args(cmd[2:]))  # its output_dir is never written: the fit is saved below
+    if run.ema is not None:
+        sys.exit("bench.py digits: --baseline fits no EMA; leave --ema_decay out")
+
+    def make():
+        fit_by_regression(run, lambda step: wadi.regression_loss(run, wadi.draw(run, step)))
+        own = {k: v.contiguous() for k, v in wadi.own_tensors(run.student, run.teacher).items()}
+        wadi.replace_atomically(path, lambda tmp: (os.makedirs(tmp), save_file(
+            own, os.path.join(tmp, f"student_{run.args.adapter}.safetensors"))))
+    return cached_part(path, ["wadi.py", *cmd[2:]], make, time.process_time)
 
 
 def variant(args):
@@ -165,13 +168,14 @@ def bench_digits(args):
     rows = {name: scorer.scores_with_errors(x, labels) for name, (x, labels) in samples.items()}
     # over training: each checkpoint's student (its EMA where kept: what wadi.py exports), in one step
     curve = {0: {k: rows[ROWS[2]]["classifier"][k] for k in ("fd", "accuracy")}}
-    for ckpt in wadi.list_checkpoints(student):
+    for ckpt in (ckpts := wadi.list_checkpoints(student)):
         pipe.unet = student_from(teacher, ckpt)
         s = scorer.scores(digit_samples(pipe, 1, 0, n), y)
         curve[int(ckpt.rsplit("-", 1)[1])] = dict(fd=s["fd"], accuracy=s["accuracy"])
-    if ckpts := wadi.list_checkpoints(student):  # a VSD run: does eq. 11's gradient see its background noise?
+    if ckpts:  # a VSD run: does eq. 11's gradient see its background noise?
         blank = np.stack([x_train[y_train == d].mean(0) < 1 / 32 for d in range(10)])  # the real digits' mean: < 1/32
-        background = background_gradient(teacher, ckpts[-1], blank)
+        guidance = wadi.parse_args(student_made["cmd"][1:]).guidance_scale  # the run's own
+        background = background_gradient(teacher, ckpts[-1], blank, guidance)
     shown = lambda x, labels: [np.round(16 * x[labels == d][:SHOWN]).astype(int).tolist() for d in range(10)]
     record = dict(seed=args.seed, teacher=teacher_made, student=student_made, samples_per_digit=n, heldout=len(y_test),
                   classifier_accuracy=scorer.accuracy, rows=rows, curve=curve,
@@ -189,16 +193,14 @@ VSD_BUCKETS = [(1, 20), (20, 100), (100, 300), (300, 600), (600, 981)]  # t in [
 
 
 @torch.no_grad()
-def background_gradient(teacher, ckpt, blank, n=16):
+def background_gradient(teacher, ckpt, blank, guidance, n=16):
     """Does eq. 11's gradient see the student's noisy background? At a checkpoint, on n fixed noises per digit: e is the
     student's x0 minus the data's background level (pixel 0) on each digit's background (`blank`: (10, 64) booleans),
     0 elsewhere. Per timestep bucket, the VSD gradient g = (1 - abar_t)(eps_real -
     eps_fake) (the student's x0 moves along -g) on those pixels: its cosine with e (> 0: it points the right way) and
     its size beside e's. The first bucket lies below the timesteps eq. 11 draws from (T_VSD), for comparison."""
     from diffusers import AutoencoderKL
-    run, unet, abar = frozen_parts(teacher)
-    student = student_from(teacher, ckpt)
-    fake = lorad_from(teacher, os.path.join(ckpt, "fake_lorad.safetensors"), wadi.FAKE_LAYERS)
+    run, unet, abar, student, fake = vsd_models(teacher, ckpt)
     level = -AutoencoderKL.load_config(teacher, subfolder="vae")["scaling_factor"]  # pixel 0 = image -1, as a latent
     cond = wadi.encode(run, DIGIT_PROMPTS).repeat_interleave(n, 0)
     null, mask = wadi.encode(run, [""]).expand_as(cond), torch.tensor(blank).repeat_interleave(n, 0)
@@ -209,8 +211,8 @@ def background_gradient(teacher, ckpt, blank, n=16):
     for lo, hi in VSD_BUCKETS:
         t = torch.randint(lo, hi, (len(x0),), generator=g)
         x_t = wadi.diffuse(x0, t, torch.randn(x0.shape, generator=g), abar)
-        grad = ((1 - abar[t]).view(-1, 1) * (wadi.guided_eps(unet, x_t, t, cond, null, GUIDANCE)
-                                             - wadi.guided_eps(fake, x_t, t, cond, null, GUIDANCE)).flatten(1)) * mask
+        grad = ((1 - abar[t]).view(-1, 1) * (wadi.guided_eps(unet, x_t, t, cond, null, guidance)
+                                             - wadi.guided_eps(fake, x_t, t, cond, null, guidance)).flatten(1)) * mask
         rows[f"{lo}-{hi - 1}"] = dict(cos=torch.nn.functional.cosine_similarity(grad, e, dim=1).mean().item(),
                                       size=(grad.norm(dim=1) / e.norm(dim=1)).mean().item())
     return dict(rows, noise=(e.norm(dim=1) / mask.sum(1).sqrt()).mean().item())  # e's rms per background pixel
@@ -227,7 +229,7 @@ def digits_table(records, assets):
         print(f"\nseed {r['seed']}: {10 * n} samples per generated row ({n} per digit), against the {r['heldout']} held-out "
               f"digits; the scorer's classifier is {r['classifier_accuracy']:.3f} accurate on them; "
               f"teacher {r['teacher']['sha'][:4]} ({r['teacher']['steps']} steps, {r['teacher']['minutes']:.0f} min), "
-              f"student {r['student']['minutes']:.0f} min: {' '.join(r['student']['cmd'][r['student']['cmd'].index('--seed'):])}")
+              f"{list(r['rows'])[-1].split(',')[0]} {r['student']['minutes']:.0f} min: {' '.join(r['student']['cmd'][r['student']['cmd'].index('--seed'):])}")
         for space in ("classifier", "pca"):
             print(f"\n{'classifier features' if space == 'classifier' else 'PCA features (16 components of the real pixels)'}"
                   " | FD | precision | recall | adherence | smallest recall of a digit | smallest adherence of a digit "
@@ -250,13 +252,33 @@ def digits_table(records, assets):
             print(f"\nthe student's background noise (rms {b['noise']:.3f} per blank pixel, latent units) and eq. 11's "
                   "gradient there, by timestep (cosine > 0: it removes the noise; size: |gradient| / |noise|): "
                   + ", ".join(f"t {k}: cos {v['cos']:.2f}, size {v['size']:.3f}" for k, v in b.items() if k != "noise"))
-    students = [path for path in found if len(json.load(open(path))["curve"]) > 1]  # not a --baseline record
+    print("\nevery record against its teacher at 25 steps (student / teacher); blank pixels: the share with no ink "
+          "(teacher's in brackets)\n| seed | wadi.py flags beyond the recipe | FD | recall | adherence | PCA: FD "
+          "| PCA: recall | blank pixels |\n|---|---|---|---|---|---|---|---|")
+    for path in found:
+        r = json.load(open(path))
+        cmd, last = r["student"]["cmd"], list(r["rows"])[-1]
+        i = cmd.index("--seed") + 2
+        flags = cmd[i + len(DIGIT_RECIPE):] if cmd[i:i + len(DIGIT_RECIPE)] == DIGIT_RECIPE else cmd[i:]
+        flags = " ".join(flags[:flags.index("--regression_pairs")] if "--regression_pairs" in flags else flags)
+        if last == BASELINE:  # its implied weight
+            flags = flags.replace(" --regression_weight 1", "").replace("--regression_weight 1", "")
+        s, t = ({space: r["rows"][name][space] for space in ("classifier", "pca")} for name in (last, ROWS[1]))
+        x = lambda space, k: f"{ratio(s[space][k], t[space][k]):.2f}x"
+        print(f"| {r['seed']} | {'regression alone: ' if last == BASELINE else ''}{flags or 'none (the recipe)'} "
+              f"| {x('classifier', 'fd')} | {x('classifier', 'recall')} | {x('classifier', 'accuracy')} | {x('pca', 'fd')} "
+              f"| {x('pca', 'recall')} | {s['pca']['blank']:.3f} ({t['pca']['blank']:.3f}) |")
+    students = [path for path in found if list(json.load(open(path))["rows"])[-1] != BASELINE]
     if not students:
         return
-    base = os.path.join(records, "digits-seed0.json")  # the pictures: seed 0 at the recipe, where recorded
-    r = json.load(open(base if base in students else students[0]))
+    real, plain = (os.path.join(records, f"digits-seed0{variant(argparse.Namespace(wadi_args=v))}.json")
+                   for v in (REAL_IMAGES, []))
+    r = json.load(open(next((path for path in (real, plain) if path in students), students[0])))  # seed 0
+    images = dict(r["images"])
+    if real in students and plain in students:  # both students, from the same noise
+        images["LoRaD r16, VSD only"] = json.load(open(plain))["images"][ROWS[3]]
     os.makedirs(assets, exist_ok=True)
-    digit_picture(os.path.join(assets, "digits.png"), r["images"])
+    digit_picture(os.path.join(assets, "digits.png"), images)
     steps = sorted(int(k) for k in r["curve"])
     line_plot(os.path.join(assets, "digits-curve.png"), [
         (f"FD to the held-out digits (classifier features), seed {r['seed']}", steps,
@@ -294,12 +316,13 @@ def main(argv=None):
     p.add_argument("--records", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "records"))
     p.add_argument("--assets", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets"),
                    help="where --table and a run write digits.png and digits-curve.png")
+    p.add_argument("--pairs", type=int, default=100, help="DMD's regression pairs per digit, with --regression_weight")
     p.add_argument("--baseline", action="store_true",
                    help="the regression baseline in the student's place: its flags fitted by DMD's regression alone")
     p.add_argument("--table", action="store_true", help="no run: the tables and pictures from the records")
     p.add_argument("wadi_args", nargs="*", help="more wadi.py flags, after --")
     args = p.parse_args(argv)
-    for name in ("teacher_steps", "steps", "samples"):
+    for name in ("teacher_steps", "steps", "samples", "pairs"):
         if getattr(args, name) < 1:
             sys.exit(f"bench.py digits: --{name} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.teacher_lr < float("inf"):

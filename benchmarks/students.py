@@ -1,5 +1,5 @@
-"""The benchmarks' students outside wadi.py's loop: a checkpoint's student or fake model as a UNet, and the regression
-baseline's fit (wadi.py's own student fitted by regression alone, no VSD)."""
+"""The benchmarks' students outside wadi.py's loop: a checkpoint's student or fake model as a UNet, the teacher's
+frozen parts, and the regression baseline's fit (wadi.py's own student fitted by regression alone, no VSD)."""
 import argparse
 import contextlib
 import glob
@@ -22,12 +22,12 @@ def lorad_from(teacher, path, layers):
     return unet.eval()
 
 
-def student_from(teacher, ckpt):
-    """The teacher's UNet with the student of a checkpoint folder (its EMA where the run kept one: what wadi.py
+def student_from(teacher, ckpt, ema=True):
+    """The teacher's UNet with the student of a checkpoint folder (its EMA where the run kept one and ema: what wadi.py
     exports), whatever its adapter (read off the file name {student|ema}_{adapter}; the rank off its tensors), unmerged."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
-    (path,) = glob.glob(os.path.join(ckpt, "ema_*.safetensors")) or glob.glob(os.path.join(ckpt, "student_*.safetensors"))
+    (path,) = (ema and glob.glob(os.path.join(ckpt, "ema_*.safetensors"))) or glob.glob(os.path.join(ckpt, "student_*"))
     adapter, state = os.path.basename(path).split("_", 1)[1][:-len(".safetensors")], load_file(path)
     rank = next((v.shape[1] if k.endswith("theta_a") else v.shape[0] for k, v in state.items()
                  if k.endswith("theta_a") or "lora_A" in k), 1)
@@ -54,3 +54,10 @@ def frozen_parts(teacher):
     run = argparse.Namespace(tokenizer=CLIPTokenizer.from_pretrained(teacher, subfolder="tokenizer"),
                              text_encoder=text_encoder, device=torch.device("cpu"), autocast=contextlib.nullcontext())
     return run, unet, scheduler.alphas_cumprod.float()
+
+
+def vsd_models(teacher, ckpt):
+    """What eq. 11 compares at a checkpoint: the teacher's frozen parts (frozen_parts), the student as trained (not its
+    EMA: the gradient acts on the trained tensors) and the fake model, as UNets."""
+    fake = lorad_from(teacher, os.path.join(ckpt, "fake_lorad.safetensors"), wadi.FAKE_LAYERS)
+    return (*frozen_parts(teacher), student_from(teacher, ckpt, ema=False), fake)

@@ -16,8 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks import digits
-from benchmarks.digits_problem import DIGIT_PROMPTS, DigitScorer, digit_noise, digit_split, pixel_vae
-from benchmarks.toy_problem import make_pairs
+from benchmarks.digits_problem import DIGIT_PROMPTS, DigitScorer, digit_split, pixel_vae
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,7 +80,7 @@ def test_half_sample_error_is_the_standard_error(scorer):
 
 
 def test_bad_flags_exit_with_one_line(capsys):
-    for flags in (["--steps", "0"], ["--teacher_lr", "nan"], ["--samples", "-1"]):
+    for flags in (["--steps", "0"], ["--teacher_lr", "nan"], ["--samples", "-1"], ["--pairs", "0"]):
         with pytest.raises(SystemExit, match=f"bench.py digits: --{flags[0][2:]} must be"):
             digits.main(flags)
 
@@ -90,13 +89,14 @@ def test_digits_end_to_end(tmp_path, capsys, monkeypatch):
     """bench.py digits as the README gives it, at toy size: the teacher a stock diffusers pipeline that returns
     digit images, wadi.py's command line with the recipe, a record with the four rows in both feature spaces, a
     curve per checkpoint and the picture; a second run reuses every part; --table rebuilds the same table."""
-    (command,) = {line.split(" #")[0].strip() for line in readme_lines() if line.startswith("python bench.py digits ")
-                  and "--" not in line.split(" #")[0]}
+    (command,) = {line.split(" #")[0].strip() for line in readme_lines() if line.startswith("python bench.py digits -- ")}
+    assert command.split()[4:] == digits.REAL_IMAGES
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     out, records, assets = (str(tmp_path / name) for name in ("out", "records", "assets"))
-    small = ["--teacher_steps", "2", "--steps", "2", "--samples", "4", "--out", out, "--records", records, "--assets", assets]
-    digits.main(command.split()[3:] + small)
+    small = ["--teacher_steps", "2", "--steps", "2", "--samples", "4", "--pairs", "1", "--out", out, "--records", records,
+             "--assets", assets]
+    digits.main(small + command.split()[3:])
     printed = capsys.readouterr().out
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(os.path.join(out, "teacher"))
@@ -104,8 +104,10 @@ def test_digits_end_to_end(tmp_path, capsys, monkeypatch):
     images = pipe(DIGIT_PROMPTS[:3], num_inference_steps=2, output_type="np").images
     assert images.shape == (3, 8, 8, 3) and images.min() >= 0 and images.max() <= 1
     assert np.allclose(images[..., 0], images[..., 2])  # gray: the pixel VAE's three equal channels
-    record = json.load(open(os.path.join(records, "digits-seed0.json")))
-    assert " ".join(digits.DIGIT_RECIPE) in " ".join(record["student"]["cmd"])
+    record = json.load(open(os.path.join(records, "digits-seed0-adapterfull-learning_rate1e-4-regression_weight1.json")))
+    student = os.path.join(out, "student-adapterfull-learning_rate1e-4-regression_weight1")
+    assert os.path.isdir(os.path.join(student, "pipeline"))
+    assert " ".join(digits.DIGIT_RECIPE + digits.REAL_IMAGES) in " ".join(record["student"]["cmd"])
     assert list(record["rows"]) == list(digits.ROWS) and sorted(record["curve"], key=int) == ["0", "1", "2"]
     assert all(set(row) == {"classifier", "pca"} for row in record["rows"].values())
     assert [len(digit) for digit in record["images"].values()] == [10] * 4
@@ -114,29 +116,26 @@ def test_digits_end_to_end(tmp_path, capsys, monkeypatch):
     assert all(-1 <= record["background"][k]["cos"] <= 1 and record["background"][k]["size"] > 0 for k in buckets)
     # a fake model equal to the teacher (theta_a = 0) makes eq. 11's gradient 0 on every pixel
     same = tmp_path / "fake-is-teacher"
-    shutil.copytree(os.path.join(out, "student", "checkpoint-2"), same)
+    shutil.copytree(os.path.join(student, "checkpoint-2"), same)
     fake = load_file(same / "fake_lorad.safetensors")
     save_file({k: 0 * v if k.endswith("theta_a") else v for k, v in fake.items()}, same / "fake_lorad.safetensors")
     blank = np.ones((10, 64), dtype=bool)
-    assert all(v["size"] == 0 for k, v in digits.background_gradient(os.path.join(out, "teacher"), str(same), blank).items()
-               if k != "noise")
-    assert os.path.isdir(os.path.join(out, "student", "pipeline"))
+    zero = digits.background_gradient(os.path.join(out, "teacher"), str(same), blank, 1.5)
+    assert all(v["size"] == 0 for k, v in zero.items() if k != "noise")
     from PIL import Image
     assert Image.open(os.path.join(assets, "digits.png")).size == (130 + 20 * 42, 4 * 42)
     # cached: a second run trains nothing
     monkeypatch.setattr(digits, "train_digit_teacher", lambda *a, **k: pytest.fail("teacher retrained"))
     monkeypatch.setattr(digits, "subprocess", argparse.Namespace(run=lambda *a, **k: pytest.fail("student retrained")))
-    digits.main(command.split()[3:] + small)
+    digits.main(small + command.split()[3:])
     assert capsys.readouterr().out in printed  # the tables alone, the same
     digits.main(["--table", "--records", records, "--assets", assets])
     assert capsys.readouterr().out in printed
     # the regression baseline: the recipe's student fitted by DMD's regression alone, a row in the student's place
-    pairs = os.path.join(out, "pairs.safetensors")
-    make_pairs(os.path.join(out, "teacher"), DIGIT_PROMPTS[:4], digit_noise(1)[:4], pairs)
-    digits.main(["--baseline", *small, "--", "--regression_pairs", pairs])
-    record = json.load(open(os.path.join(records, "digits-seed0-baseline-regression_pairspairs.safetensors.json")))
+    digits.main(["--baseline", *small])  # the pairs made above, reused
+    record = json.load(open(os.path.join(records, "digits-seed0-baseline.json")))
     assert list(record["rows"]) == [*digits.ROWS[:3], digits.BASELINE] and "--regression_weight" in record["student"]["cmd"]
-    fitted = load_file(os.path.join(out, "baseline-regression_pairspairs.safetensors", "student_lorad.safetensors"))
+    fitted = load_file(os.path.join(out, "baseline", "student_lorad.safetensors"))
     assert all(v.abs().max() > 0 for k, v in fitted.items() if k.endswith("theta_a"))  # fitted: theta_a starts at 0
     assert "regression baseline / teacher at 25 steps" in capsys.readouterr().out and "background" not in record
 
@@ -158,6 +157,9 @@ def test_readme_digits_table_is_the_records(capsys):
     lines = readme_lines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| digits"))
     table = lines[start + 2:start + 2 + next(k for k, line in enumerate(lines[start + 2:]) if not line.startswith("|"))]
-    assert len(table) >= 4
-    for number in (n for row in table for n in re.findall(r"\d+\.\d+", row.split("|", 2)[2])):
-        assert number in out, f"README's {number} is not in bench.py digits --table"
+    assert len(table) >= 5
+    with open(os.path.join(HERE, "docs", "digits.md")) as f:  # and every table of docs/digits.md
+        docs = [line for line in f if line.startswith("| ") and not line.startswith("| seed")]
+    assert len(docs) >= 20
+    for number in (n for row in table + docs for n in re.findall(r"\d+\.\d+", row.split("|", 2)[2])):
+        assert number in out, f"{number} is not in bench.py digits --table"

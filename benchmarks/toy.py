@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import wadi
 from tiny import build_tiny_pipeline
 from benchmarks.plot import line_plot
-from benchmarks.students import fit_by_regression, frozen_parts, lorad_from, student_from
+from benchmarks.students import fit_by_regression, lorad_from, student_from, vsd_models
 from benchmarks.toy_table import direction_vs_norm, ratio, toy_table, weights_sha
 from benchmarks.toy_problem import (TOY_NOISE, TOY_PROMPTS, make_pairs, toy_data, toy_exact_eps, toy_modes, toy_noise,
                                      toy_samples, toy_scores, toy_tau)
@@ -155,9 +155,7 @@ def toy_diagnostics(teacher, ckpt, modes, guidance, previous=None):
     moves along -g), its cosine with e (> 0: it points the right way), in and off the span; and the fake model's
     denoising error (eps MSE) on the student's samples against the teacher's on the data: the fake has caught
     up with the student when the two are alike."""
-    run, unet, abar = frozen_parts(teacher)
-    student = student_from(teacher, ckpt)
-    fake = lorad_from(teacher, os.path.join(ckpt, "fake_lorad.safetensors"), wadi.FAKE_LAYERS)
+    run, unet, abar, student, fake = vsd_models(teacher, ckpt)
     P, n = len(TOY_PROMPTS), 16
     cond, null = wadi.encode(run, TOY_PROMPTS).repeat_interleave(n, 0), wadi.encode(run, [""]).expand(P * n, -1, -1)
     g = torch.Generator().manual_seed(5)
