@@ -226,7 +226,7 @@ def digits_table(records, assets):
     for path in found:
         r = json.load(open(path))
         n = r["samples_per_digit"]
-        print(f"\nseed {r['seed']}: {10 * n} samples per generated row ({n} per digit), against the {r['heldout']} held-out "
+        print(f"\n{os.path.basename(path)}, seed {r['seed']}: {10 * n} samples per generated row ({n} per digit), against the {r['heldout']} held-out "
               f"digits; the scorer's classifier is {r['classifier_accuracy']:.3f} accurate on them; "
               f"teacher {r['teacher']['sha'][:4]} ({r['teacher']['steps']} steps, {r['teacher']['minutes']:.0f} min), "
               f"{list(r['rows'])[-1].split(',')[0]} {r['student']['minutes']:.0f} min: {' '.join(r['student']['cmd'][r['student']['cmd'].index('--seed'):])}")
@@ -253,8 +253,9 @@ def digits_table(records, assets):
                   "gradient there, by timestep (cosine > 0: it removes the noise; size: |gradient| / |noise|): "
                   + ", ".join(f"t {k}: cos {v['cos']:.2f}, size {v['size']:.3f}" for k, v in b.items() if k != "noise"))
     print("\nevery record against its teacher at 25 steps (student / teacher); blank pixels: the share with no ink "
-          "(teacher's in brackets)\n| seed | wadi.py flags beyond the recipe | FD | recall | adherence | PCA: FD "
-          "| PCA: recall | blank pixels |\n|---|---|---|---|---|---|---|---|")
+          "(teacher's in brackets); background noise: its rms at the last checkpoint\n| seed | wadi.py flags beyond the "
+          "recipe | FD | recall | adherence | PCA: FD | PCA: recall | blank pixels | background noise |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for path in found:
         r = json.load(open(path))
         cmd, last = r["student"]["cmd"], list(r["rows"])[-1]
@@ -267,7 +268,8 @@ def digits_table(records, assets):
         x = lambda space, k: f"{ratio(s[space][k], t[space][k]):.2f}x"
         print(f"| {r['seed']} | {'regression alone: ' if last == BASELINE else ''}{flags or 'none (the recipe)'} "
               f"| {x('classifier', 'fd')} | {x('classifier', 'recall')} | {x('classifier', 'accuracy')} | {x('pca', 'fd')} "
-              f"| {x('pca', 'recall')} | {s['pca']['blank']:.3f} ({t['pca']['blank']:.3f}) |")
+              f"| {x('pca', 'recall')} | {s['pca']['blank']:.3f} ({t['pca']['blank']:.3f}) "
+              f"| {r['background']['noise'] if 'background' in r else '-':{'.3f' if 'background' in r else ''}} |")
     students = [path for path in found if list(json.load(open(path))["rows"])[-1] != BASELINE]
     if not students:
         return
