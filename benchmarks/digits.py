@@ -1,6 +1,6 @@
 """Does wadi.py distill real images? Handwritten digits on a CPU, scored like the paper's Table 1.
 
-    python bench.py digits                    # teacher, student, scores, picture: bench-out/digits (~45 CPU-minutes)
+    python bench.py digits                    # teacher, student, scores, picture: bench-out/digits (~50 CPU-minutes)
     python bench.py digits --seed 1           # a second seed: bench-out/digits-seed1
     python bench.py digits --table            # the tables, assets/digits.png and its curve from the records, no run
     python bench.py digits -- --fake_updates 3   # flags after -- go to wadi.py
@@ -38,7 +38,7 @@ DIGIT_RECIPE = ["--train_batch_size", "16", "--student_rank", "16", "--fake_rank
 # student's lr 1e-3 annealed, 5 fake updates per step and eq. 12 unweighted. CFG 1.5 on both scores: wadi.py's default.
 REAL_IMAGES = ["--adapter", "full", "--learning_rate", "1e-4", "--regression_weight", "1"]
 # What the digits need beyond it (docs/digits.md): a student that can fit the one-step map (full fine-tuning; its lr
-# the toy's), and DMD's regression, which clears the background noise that VSD leaves. The picture shows this student.
+# the toy's), and DMD's regression, which cuts the background noise that VSD leaves. The picture shows this student.
 GUIDANCE = 1.5
 ROWS = ("real training split", "teacher, 25 steps", "teacher, 1 step", "student, 1 step")
 BASELINE = "regression baseline, 1 step"  # the last row of a --baseline record, in the student's place
@@ -275,19 +275,20 @@ def digits_table(records, assets):
         return
     real, plain = (os.path.join(records, f"digits-seed0{variant(argparse.Namespace(wadi_args=v))}.json")
                    for v in (REAL_IMAGES, []))
-    r = json.load(open(next((path for path in (real, plain) if path in students), students[0])))  # seed 0
-    images = dict(r["images"])
-    if real in students and plain in students:  # both students, from the same noise
+    shown = next((path for path in (real, plain) if path in students), students[0])  # seed 0
+    r, name = json.load(open(shown)), "full FT + regression" if shown == real else "student, 1 step"
+    images = {(name if k == ROWS[3] else k): v for k, v in r["images"].items()}
+    if shown == real and plain in students:  # both students, from the same noise
         images["LoRaD r16, VSD only"] = json.load(open(plain))["images"][ROWS[3]]
     os.makedirs(assets, exist_ok=True)
     digit_picture(os.path.join(assets, "digits.png"), images)
     steps = sorted(int(k) for k in r["curve"])
     line_plot(os.path.join(assets, "digits-curve.png"), [
         (f"FD to the held-out digits (classifier features), seed {r['seed']}", steps,
-         {"student, 1 step": [r["curve"][str(k)]["fd"] for k in steps]},
+         {name: [r["curve"][str(k)]["fd"] for k in steps]},
          {"teacher, 25 steps": r["rows"][ROWS[1]]["classifier"]["fd"], "real training split": r["rows"][ROWS[0]]["classifier"]["fd"]}),
         ("adherence: the share classified as the prompt's digit", steps,
-         {"student, 1 step": [r["curve"][str(k)]["accuracy"] for k in steps]},
+         {name: [r["curve"][str(k)]["accuracy"] for k in steps]},
          {"teacher, 25 steps": r["rows"][ROWS[1]]["classifier"]["accuracy"]})])
     print(f"\npicture: {os.path.join(assets, 'digits.png')}, curve: {os.path.join(assets, 'digits-curve.png')}")
 
@@ -311,7 +312,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="bench.py digits", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="the teacher's and the student's seed (the split is fixed)")
     p.add_argument("--out", help="the runs' outputs (default: bench-out/digits, or bench-out/digits-seedN)")
-    p.add_argument("--teacher_steps", type=int, default=4000, help="at batch 64 (~15 CPU-minutes on 2 cores)")
+    p.add_argument("--teacher_steps", type=int, default=4000, help="at batch 64 (~18 minutes on 2 idle cores)")
     p.add_argument("--teacher_lr", type=float, default=2e-3, help="AdamW, decayed linearly to 0")
     p.add_argument("--steps", type=int, default=2000, help="wadi.py steps")
     p.add_argument("--samples", type=int, default=144, help="per digit and generated row (144: as many as the real split)")
