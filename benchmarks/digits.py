@@ -54,7 +54,9 @@ def teacher_part(out, args, x_train, y_train):
     t0, cpu0 = time.time(), time.process_time()
     shutil.rmtree(path + ".tmp", ignore_errors=True)
     train_digit_teacher(path + ".tmp", x_train, y_train, args.seed, args.teacher_steps, lr=args.teacher_lr)
-    shutil.rmtree(path, ignore_errors=True)
+    for old in glob.glob(os.path.join(out, "*")):  # the old teacher and what was made of it: stale now
+        if old != path + ".tmp" and os.path.basename(old).startswith(("teacher", "student", "baseline", "regression")):
+            (shutil.rmtree if os.path.isdir(old) else os.remove)(old)
     os.rename(path + ".tmp", path)
     json.dump(dict(recipe, minutes=(time.time() - t0) / 60, cpu_minutes=(time.process_time() - cpu0) / 60,
                    threads=torch.get_num_threads(), sha=weights_sha(path)), open(made, "w"))

@@ -138,6 +138,10 @@ def test_digits_end_to_end(tmp_path, capsys, monkeypatch):
     fitted = load_file(os.path.join(out, "baseline", "student_lorad.safetensors"))
     assert all(v.abs().max() > 0 for k, v in fitted.items() if k.endswith("theta_a"))  # fitted: theta_a starts at 0
     assert "regression baseline / teacher at 25 steps" in capsys.readouterr().out and "background" not in record
+    # another teacher recipe in the same folder: what the old teacher made goes with it
+    monkeypatch.undo()  # train_digit_teacher back
+    digits.teacher_part(out, argparse.Namespace(seed=0, teacher_steps=1, teacher_lr=2e-3), *digits.digit_split()[::2])
+    assert sorted(os.listdir(out)) == ["prompts.txt", "teacher", "teacher.json"]
 
 
 def readme_lines():
