@@ -116,11 +116,11 @@ def baseline_part(out, args, teacher):
     path = os.path.join(out, "baseline" + variant(args))
     weight = [] if "--regression_weight" in args.wadi_args else ["--regression_weight", "1"]
     cmd = student_cmd(out, argparse.Namespace(**{**vars(args), "wadi_args": [*args.wadi_args, *weight]}), teacher, path)
-    run = wadi.setup(wadi.parse_args(cmd[2:]))  # its output_dir is never written: the fit is saved below
-    if run.ema is not None:
+    if wadi.parse_args(cmd[2:]).ema_decay:
         sys.exit("bench.py digits: --baseline fits no EMA; leave --ema_decay out")
 
-    def make():
+    def make():  # the models are loaded only to fit; setup never writes its output_dir: the fit is saved below
+        run = wadi.setup(wadi.parse_args(cmd[2:]))
         fit_by_regression(run, lambda step: wadi.regression_loss(run, wadi.draw(run, step)))
         own = {k: v.contiguous() for k, v in wadi.own_tensors(run.student, run.teacher).items()}
         wadi.replace_atomically(path, lambda tmp: (os.makedirs(tmp), save_file(
@@ -198,8 +198,8 @@ VSD_BUCKETS = [(1, 20), (20, 100), (100, 300), (300, 600), (600, 981)]  # t in [
 def background_gradient(teacher, ckpt, blank, guidance, n=16):
     """Does eq. 11's gradient see the student's noisy background? At a checkpoint, on n fixed noises per digit: e is the
     student's x0 minus the data's background level (pixel 0) on each digit's background (`blank`: (10, 64) booleans),
-    0 elsewhere. Per timestep bucket, the VSD gradient g = (1 - abar_t)(eps_real -
-    eps_fake) (the student's x0 moves along -g) on those pixels: its cosine with e (> 0: it points the right way) and
+    0 elsewhere. Per timestep bucket, the VSD gradient g = (1 - abar_t)(eps_real - eps_fake) (the student's x0 moves
+    along -g) on those pixels: its cosine with e (> 0: it points the right way) and
     its size beside e's. The first bucket lies below the timesteps eq. 11 draws from (T_VSD), for comparison."""
     from diffusers import AutoencoderKL
     run, unet, abar, student, fake = vsd_models(teacher, ckpt)
@@ -225,8 +225,8 @@ def digits_table(records, assets):
     found = sorted(glob.glob(os.path.join(records, "digits-seed*.json")))
     if not found:
         sys.exit(f"bench.py digits: no records in {records}: run python bench.py digits first")
-    for path in found:
-        r = json.load(open(path))
+    loaded = {path: json.load(open(path)) for path in found}
+    for path, r in loaded.items():
         n = r["samples_per_digit"]
         print(f"\n{os.path.basename(path)}, seed {r['seed']}: {10 * n} samples per generated row ({n} per digit), against the {r['heldout']} held-out "
               f"digits; the scorer's classifier is {r['classifier_accuracy']:.3f} accurate on them; "
@@ -258,8 +258,7 @@ def digits_table(records, assets):
           "(teacher's in brackets); background noise: its rms at the last checkpoint\n| seed | wadi.py flags beyond the "
           "recipe | FD | recall | adherence | PCA: FD | PCA: recall | blank pixels | background noise |\n"
           "|---|---|---|---|---|---|---|---|---|")
-    for path in found:
-        r = json.load(open(path))
+    for r in loaded.values():
         cmd, last = r["student"]["cmd"], list(r["rows"])[-1]
         i = cmd.index("--seed") + 2
         flags = cmd[i + len(DIGIT_RECIPE):] if cmd[i:i + len(DIGIT_RECIPE)] == DIGIT_RECIPE else cmd[i:]
@@ -272,16 +271,16 @@ def digits_table(records, assets):
               f"| {x('classifier', 'fd')} | {x('classifier', 'recall')} | {x('classifier', 'accuracy')} | {x('pca', 'fd')} "
               f"| {x('pca', 'recall')} | {s['pca']['blank']:.3f} ({t['pca']['blank']:.3f}) "
               f"| {r['background']['noise'] if 'background' in r else '-':{'.3f' if 'background' in r else ''}} |")
-    students = [path for path in found if list(json.load(open(path))["rows"])[-1] != BASELINE]
+    students = [path for path, r in loaded.items() if list(r["rows"])[-1] != BASELINE]
     if not students:
         return
     real, plain = (os.path.join(records, f"digits-seed0{variant(argparse.Namespace(wadi_args=v))}.json")
                    for v in (REAL_IMAGES, []))
     shown = next((path for path in (real, plain) if path in students), students[0])  # seed 0
-    r, name = json.load(open(shown)), "full FT + regression" if shown == real else "student, 1 step"
+    r, name = loaded[shown], "full FT + regression" if shown == real else "student, 1 step"
     images = {(name if k == ROWS[3] else k): v for k, v in r["images"].items()}
     if shown == real and plain in students:  # both students, from the same noise
-        images["LoRaD r16, VSD only"] = json.load(open(plain))["images"][ROWS[3]]
+        images["LoRaD r16, VSD only"] = loaded[plain]["images"][ROWS[3]]
     os.makedirs(assets, exist_ok=True)
     digit_picture(os.path.join(assets, "digits.png"), images)
     steps = sorted(int(k) for k in r["curve"])
