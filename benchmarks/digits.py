@@ -1,14 +1,15 @@
 """Does wadi.py distill real images? Handwritten digits on a CPU, scored like the paper's Table 1.
 
-    python bench.py digits                    # teacher, student, scores, picture: bench-out/digits (~50 CPU-minutes)
+    python bench.py digits                    # teacher, student, scores, picture: bench-out/digits (~45 CPU-minutes)
     python bench.py digits --seed 1           # a second seed: bench-out/digits-seed1
     python bench.py digits --table            # the tables, assets/digits.png and its curve from the records, no run
     python bench.py digits -- --fake_updates 3   # flags after -- go to wadi.py
-    python bench.py digits --baseline -- --student_rank 64   # the regression baseline of those flags (~6 CPU-minutes)
+    python bench.py digits --baseline -- --student_rank 64   # the regression baseline of those flags (~4 CPU-minutes)
+    python bench.py digits --teacher_steps 4000 --steps 2000  # another setting: its own --out and record
 
 A text-to-image teacher trained on the real digits (benchmarks/digits_problem.py), distilled by wadi.py's own
 command line into a one-step student, both sampled through stock diffusers pipelines and scored against the
-held-out digits. Each part is cached in --out; each seed's record (a few kB) in --records, kept in git.
+held-out digits. Each part is cached in --out; each seed's and setting's record (a few kB) in --records, kept in git.
 """
 import argparse
 import glob
@@ -73,8 +74,13 @@ def student_cmd(out, args, teacher, path):
     if "--regression_weight" in flags and "--regression_pairs" not in flags:
         n = args.pairs
         flags += ["--regression_pairs", os.path.join(out, f"regression-pairs{'' if n == 100 else f'-{n}'}.safetensors")]
-        if not os.path.exists(flags[-1]):
+        made = flags[-1] + ".json"  # their cost, written after them, atomically: pairs without it are made again
+        if not (os.path.exists(flags[-1]) and os.path.exists(made)):
+            t0, cpu0 = time.time(), time.process_time()
             make_pairs(teacher, [p for p in DIGIT_PROMPTS for _ in range(n)], digit_noise(n, 3000), flags[-1])
+            json.dump(dict(per_digit=n, minutes=(time.time() - t0) / 60, cpu_minutes=(time.process_time() - cpu0) / 60,
+                           threads=torch.get_num_threads()), open(made + ".tmp", "w"))
+            os.replace(made + ".tmp", made)
     return [sys.executable, os.path.abspath(wadi.__file__), "--pretrained_model_name_or_path", teacher, "--prompts",
             prompts, "--validation_prompts", *DIGIT_PROMPTS, "--output_dir", path, "--max_train_steps", str(S),
             "--checkpointing_steps", str(max(1, S // 10)), "--validation_steps", str(S), "--seed", str(args.seed),
@@ -142,7 +148,7 @@ def children_cpu():
 
 def bench_digits(args):
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
-    out = args.out or os.path.join("bench-out", "digits" + (f"-seed{args.seed}" if args.seed else ""))
+    out = args.out or os.path.join("bench-out", "digits" + (f"-seed{args.seed}" if args.seed else "") + args.changed)
     os.makedirs(out, exist_ok=True)
     x_train, x_test, y_train, y_test = digit_split()
     teacher, teacher_made = teacher_part(out, args, x_train, y_train)
@@ -179,13 +185,16 @@ def bench_digits(args):
         guidance = wadi.parse_args(student_made["cmd"][1:]).guidance_scale  # the run's own
         background = background_gradient(teacher, ckpts[-1], blank, guidance)
     shown = lambda x, labels: [np.round(16 * x[labels == d][:SHOWN]).astype(int).tolist() for d in range(10)]
+    pairs = student_made["cmd"][student_made["cmd"].index("--regression_pairs") + 1] + ".json" \
+        if "--regression_pairs" in student_made["cmd"] else None  # their cost, when made here
     record = dict(seed=args.seed, teacher=teacher_made, student=student_made, samples_per_digit=n, heldout=len(y_test),
+                  **({"pairs": json.load(open(pairs))} if pairs and os.path.exists(pairs) else {}),
                   classifier_accuracy=scorer.accuracy, rows=rows, curve=curve,
                   **({"background": background} if ckpts else {}),
                   images={"real digits (held out)": shown(x_test, y_test),
                           **{name: shown(*samples[name]) for name in list(samples)[1:]}})
     os.makedirs(args.records, exist_ok=True)
-    name = f"digits-seed{args.seed}{'-baseline' if args.baseline else ''}{variant(args)}.json"
+    name = f"digits-seed{args.seed}{'-baseline' if args.baseline else ''}{args.changed}{variant(args)}.json"
     with open(os.path.join(args.records, name), "w") as f:
         json.dump(record, f)
     digits_table(args.records, args.assets)
@@ -230,8 +239,13 @@ def digits_table(records, assets):
         n = r["samples_per_digit"]
         print(f"\n{os.path.basename(path)}, seed {r['seed']}: {10 * n} samples per generated row ({n} per digit), against the {r['heldout']} held-out "
               f"digits; the scorer's classifier is {r['classifier_accuracy']:.3f} accurate on them; "
-              f"teacher {r['teacher']['sha'][:4]} ({r['teacher']['steps']} steps, {r['teacher']['minutes']:.0f} min), "
-              f"{list(r['rows'])[-1].split(',')[0]} {r['student']['minutes']:.0f} min: {' '.join(r['student']['cmd'][r['student']['cmd'].index('--seed'):])}")
+              f"teacher {r['teacher']['sha'][:4]} ({r['teacher']['steps']} steps, {r['teacher']['minutes']:.1f} min on "
+              f"{r['teacher']['threads']} threads"
+              + (f", {r['teacher']['cpu_minutes']:.1f} CPU-min), " if "cpu_minutes" in r["teacher"] else "), ")
+              + f"{list(r['rows'])[-1].split(',')[0]} {r['student']['minutes']:.0f} min"
+              + (f" ({r['student']['cpu_minutes']:.1f} CPU-min)" if "cpu_minutes" in r["student"] else "")
+              + (f", its pairs {r['pairs']['cpu_minutes']:.1f} CPU-min" if "pairs" in r else "")
+              + f": {' '.join(r['student']['cmd'][r['student']['cmd'].index('--seed'):])}")
         for space in ("classifier", "pca"):
             print(f"\n{'classifier features' if space == 'classifier' else 'PCA features (16 components of the real pixels)'}"
                   " | FD | precision | recall | adherence | smallest recall of a digit | smallest adherence of a digit "
@@ -255,9 +269,9 @@ def digits_table(records, assets):
                   "gradient there, by timestep (cosine > 0: it removes the noise; size: |gradient| / |noise|): "
                   + ", ".join(f"t {k}: cos {v['cos']:.2f}, size {v['size']:.3f}" for k, v in b.items() if k != "noise"))
     print("\nevery record against its teacher at 25 steps (student / teacher); blank pixels: the share with no ink "
-          "(teacher's in brackets); background noise: its rms at the last checkpoint\n| seed | wadi.py flags beyond the "
-          "recipe | FD | recall | adherence | PCA: FD | PCA: recall | blank pixels | background noise |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+          "(teacher's in brackets); background noise: its rms at the last checkpoint\n| seed | teacher / student steps | "
+          "wadi.py flags beyond the recipe | FD | recall | adherence | PCA: FD | PCA: recall | blank pixels | "
+          "background noise |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in loaded.values():
         cmd, last = r["student"]["cmd"], list(r["rows"])[-1]
         i = cmd.index("--seed") + 2
@@ -267,7 +281,8 @@ def digits_table(records, assets):
             flags = flags.replace(" --regression_weight 1", "").replace("--regression_weight 1", "")
         s, t = ({space: r["rows"][name][space] for space in ("classifier", "pca")} for name in (last, ROWS[1]))
         x = lambda space, k: f"{ratio(s[space][k], t[space][k]):.2f}x"
-        print(f"| {r['seed']} | {'regression alone: ' if last == BASELINE else ''}{flags or 'none (the recipe)'} "
+        print(f"| {r['seed']} | {r['teacher']['steps']} / {cmd[cmd.index('--max_train_steps') + 1]} "
+              f"| {'regression alone: ' if last == BASELINE else ''}{flags or 'none (the recipe)'} "
               f"| {x('classifier', 'fd')} | {x('classifier', 'recall')} | {x('classifier', 'accuracy')} | {x('pca', 'fd')} "
               f"| {x('pca', 'recall')} | {s['pca']['blank']:.3f} ({t['pca']['blank']:.3f}) "
               f"| {r['background']['noise'] if 'background' in r else '-':{'.3f' if 'background' in r else ''}} |")
@@ -312,10 +327,11 @@ def digit_picture(path, images, scale=5, gap=2):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="bench.py digits", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="the teacher's and the student's seed (the split is fixed)")
-    p.add_argument("--out", help="the runs' outputs (default: bench-out/digits, or bench-out/digits-seedN)")
-    p.add_argument("--teacher_steps", type=int, default=4000, help="at batch 64 (~18 minutes on 2 idle cores)")
+    p.add_argument("--out", help="the runs' outputs (default: bench-out/digits, or bench-out/digits-seedN; then the "
+                   "bench flags changed from their defaults, as in the record's name)")
+    p.add_argument("--teacher_steps", type=int, default=3000, help="at batch 64 (~12 minutes on 2 idle cores)")
     p.add_argument("--teacher_lr", type=float, default=2e-3, help="AdamW, decayed linearly to 0")
-    p.add_argument("--steps", type=int, default=2000, help="wadi.py steps")
+    p.add_argument("--steps", type=int, default=1600, help="wadi.py steps")
     p.add_argument("--samples", type=int, default=144, help="per digit and generated row (144: as many as the real split)")
     p.add_argument("--records", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "records"))
     p.add_argument("--assets", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets"),
@@ -326,6 +342,8 @@ def main(argv=None):
     p.add_argument("--table", action="store_true", help="no run: the tables and pictures from the records")
     p.add_argument("wadi_args", nargs="*", help="more wadi.py flags, after --")
     args = p.parse_args(argv)
+    args.changed = "".join(f"-{k}{getattr(args, k)}" for k in ("teacher_steps", "teacher_lr", "steps", "samples", "pairs")
+                           if getattr(args, k) != p.get_default(k))  # in the record's name: one record per setting
     for name in ("teacher_steps", "steps", "samples", "pairs"):
         if getattr(args, name) < 1:
             sys.exit(f"bench.py digits: --{name} must be >= 1, got {getattr(args, name)}")

@@ -104,7 +104,7 @@ def test_digits_end_to_end(tmp_path, capsys, monkeypatch):
     images = pipe(DIGIT_PROMPTS[:3], num_inference_steps=2, output_type="np").images
     assert images.shape == (3, 8, 8, 3) and images.min() >= 0 and images.max() <= 1
     assert np.allclose(images[..., 0], images[..., 2])  # gray: the pixel VAE's three equal channels
-    record = json.load(open(os.path.join(records, "digits-seed0-adapterfull-learning_rate1e-4-regression_weight1.json")))
+    record = json.load(open(os.path.join(records, "digits-seed0-teacher_steps2-steps2-samples4-pairs1-adapterfull-learning_rate1e-4-regression_weight1.json")))
     student = os.path.join(out, "student-adapterfull-learning_rate1e-4-regression_weight1")
     assert os.path.isdir(os.path.join(student, "pipeline"))
     assert " ".join(digits.DIGIT_RECIPE + digits.REAL_IMAGES) in " ".join(record["student"]["cmd"])
@@ -133,7 +133,7 @@ def test_digits_end_to_end(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out in printed
     # the regression baseline: the recipe's student fitted by DMD's regression alone, a row in the student's place
     digits.main(["--baseline", *small])  # the pairs made above, reused
-    record = json.load(open(os.path.join(records, "digits-seed0-baseline.json")))
+    record = json.load(open(os.path.join(records, "digits-seed0-baseline-teacher_steps2-steps2-samples4-pairs1.json")))
     assert list(record["rows"]) == [*digits.ROWS[:3], digits.BASELINE] and "--regression_weight" in record["student"]["cmd"]
     fitted = load_file(os.path.join(out, "baseline", "student_lorad.safetensors"))
     assert all(v.abs().max() > 0 for k, v in fitted.items() if k.endswith("theta_a"))  # fitted: theta_a starts at 0
@@ -161,7 +161,7 @@ def test_readme_digits_table_is_the_records(capsys):
     lines = readme_lines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| digits"))
     table = lines[start + 2:start + 2 + next(k for k, line in enumerate(lines[start + 2:]) if not line.startswith("|"))]
-    assert len(table) >= 5
+    assert len(table) >= 4  # the four rows: real, teacher at 25 steps and at 1, student
     with open(os.path.join(HERE, "docs", "digits.md")) as f:  # and every table of docs/digits.md
         docs = [line for line in f if line.startswith("| ") and not line.startswith("| seed")]
     assert len(docs) >= 20
