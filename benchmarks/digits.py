@@ -1,6 +1,6 @@
 """Does wadi.py distill real images? Handwritten digits on a CPU, scored like the paper's Table 1.
 
-    python bench.py digits                    # teacher, student, scores, picture: bench-out/digits (~45 CPU-minutes)
+    python bench.py digits                    # teacher, student, scores, picture: bench-out/digits (~13 minutes of teacher, ~25 CPU-minutes of student, then scores)
     python bench.py digits --seed 1           # a second seed: bench-out/digits-seed1
     python bench.py digits --table            # the tables, assets/digits.png and its curve from the records, no run
     python bench.py digits -- --fake_updates 3   # flags after -- go to wadi.py
@@ -78,8 +78,9 @@ def student_cmd(out, args, teacher, path):
         if not (os.path.exists(flags[-1]) and os.path.exists(made)):
             t0, cpu0 = time.time(), time.process_time()
             make_pairs(teacher, [p for p in DIGIT_PROMPTS for _ in range(n)], digit_noise(n, 3000), flags[-1])
-            json.dump(dict(per_digit=n, minutes=(time.time() - t0) / 60, cpu_minutes=(time.process_time() - cpu0) / 60,
-                           threads=torch.get_num_threads()), open(made + ".tmp", "w"))
+            with open(made + ".tmp", "w") as f:
+                json.dump(dict(per_digit=n, minutes=(time.time() - t0) / 60, cpu_minutes=(time.process_time() - cpu0) / 60,
+                               threads=torch.get_num_threads()), f)
             os.replace(made + ".tmp", made)
     return [sys.executable, os.path.abspath(wadi.__file__), "--pretrained_model_name_or_path", teacher, "--prompts",
             prompts, "--validation_prompts", *DIGIT_PROMPTS, "--output_dir", path, "--max_train_steps", str(S),
@@ -148,7 +149,8 @@ def children_cpu():
 
 def bench_digits(args):
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
-    out = args.out or os.path.join("bench-out", "digits" + (f"-seed{args.seed}" if args.seed else "") + args.changed)
+    out = args.out or os.path.join("bench-out", "digits" + (f"-seed{args.seed}" if args.seed else "")
+                                   + "".join(c for c in args.changed if c.startswith("-teacher_")))  # a teacher per folder
     os.makedirs(out, exist_ok=True)
     x_train, x_test, y_train, y_test = digit_split()
     teacher, teacher_made = teacher_part(out, args, x_train, y_train)
@@ -186,7 +188,7 @@ def bench_digits(args):
         background = background_gradient(teacher, ckpts[-1], blank, guidance)
     shown = lambda x, labels: [np.round(16 * x[labels == d][:SHOWN]).astype(int).tolist() for d in range(10)]
     pairs = student_made["cmd"][student_made["cmd"].index("--regression_pairs") + 1] + ".json" \
-        if "--regression_pairs" in student_made["cmd"] else None  # their cost, when made here
+        if "--regression_pairs" in student_made["cmd"] else None  # their cost, made once per teacher for every run
     record = dict(seed=args.seed, teacher=teacher_made, student=student_made, samples_per_digit=n, heldout=len(y_test),
                   **({"pairs": json.load(open(pairs))} if pairs and os.path.exists(pairs) else {}),
                   classifier_accuracy=scorer.accuracy, rows=rows, curve=curve,
@@ -194,7 +196,7 @@ def bench_digits(args):
                   images={"real digits (held out)": shown(x_test, y_test),
                           **{name: shown(*samples[name]) for name in list(samples)[1:]}})
     os.makedirs(args.records, exist_ok=True)
-    name = f"digits-seed{args.seed}{'-baseline' if args.baseline else ''}{args.changed}{variant(args)}.json"
+    name = f"digits-seed{args.seed}{'-baseline' if args.baseline else ''}{''.join(args.changed)}{variant(args)}.json"
     with open(os.path.join(args.records, name), "w") as f:
         json.dump(record, f)
     digits_table(args.records, args.assets)
@@ -239,8 +241,8 @@ def digits_table(records, assets):
         n = r["samples_per_digit"]
         print(f"\n{os.path.basename(path)}, seed {r['seed']}: {10 * n} samples per generated row ({n} per digit), against the {r['heldout']} held-out "
               f"digits; the scorer's classifier is {r['classifier_accuracy']:.3f} accurate on them; "
-              f"teacher {r['teacher']['sha'][:4]} ({r['teacher']['steps']} steps, {r['teacher']['minutes']:.1f} min on "
-              f"{r['teacher']['threads']} threads"
+              f"teacher {r['teacher']['sha'][:4]} ({r['teacher']['steps']} steps, {r['teacher']['minutes']:.1f} min, "
+              f"threads {r['teacher']['threads']}"
               + (f", {r['teacher']['cpu_minutes']:.1f} CPU-min), " if "cpu_minutes" in r["teacher"] else "), ")
               + f"{list(r['rows'])[-1].split(',')[0]} {r['student']['minutes']:.0f} min"
               + (f" ({r['student']['cpu_minutes']:.1f} CPU-min)" if "cpu_minutes" in r["student"] else "")
@@ -329,7 +331,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="the teacher's and the student's seed (the split is fixed)")
     p.add_argument("--out", help="the runs' outputs (default: bench-out/digits, or bench-out/digits-seedN; then the "
                    "bench flags changed from their defaults, as in the record's name)")
-    p.add_argument("--teacher_steps", type=int, default=3000, help="at batch 64 (~12 minutes on 2 idle cores)")
+    p.add_argument("--teacher_steps", type=int, default=3000, help="at batch 64 (~13 minutes on 2 cores)")
     p.add_argument("--teacher_lr", type=float, default=2e-3, help="AdamW, decayed linearly to 0")
     p.add_argument("--steps", type=int, default=1600, help="wadi.py steps")
     p.add_argument("--samples", type=int, default=144, help="per digit and generated row (144: as many as the real split)")
@@ -342,8 +344,8 @@ def main(argv=None):
     p.add_argument("--table", action="store_true", help="no run: the tables and pictures from the records")
     p.add_argument("wadi_args", nargs="*", help="more wadi.py flags, after --")
     args = p.parse_args(argv)
-    args.changed = "".join(f"-{k}{getattr(args, k)}" for k in ("teacher_steps", "teacher_lr", "steps", "samples", "pairs")
-                           if getattr(args, k) != p.get_default(k))  # in the record's name: one record per setting
+    args.changed = [f"-{k}{getattr(args, k)}" for k in ("teacher_steps", "teacher_lr", "steps", "samples", "pairs")
+                    if getattr(args, k) != p.get_default(k)]  # in the record's name: one record per setting
     for name in ("teacher_steps", "steps", "samples", "pairs"):
         if getattr(args, name) < 1:
             sys.exit(f"bench.py digits: --{name} must be >= 1, got {getattr(args, name)}")

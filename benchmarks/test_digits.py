@@ -109,6 +109,7 @@ def test_digits_end_to_end(tmp_path, capsys, monkeypatch):
     assert os.path.isdir(os.path.join(student, "pipeline"))
     assert " ".join(digits.DIGIT_RECIPE + digits.REAL_IMAGES) in " ".join(record["student"]["cmd"])
     assert list(record["rows"]) == list(digits.ROWS) and sorted(record["curve"], key=int) == ["0", "1", "2"]
+    assert record["pairs"]["per_digit"] == 1 and record["pairs"]["cpu_minutes"] > 0  # their cost, recorded
     assert all(set(row) == {"classifier", "pca"} for row in record["rows"].values())
     assert [len(digit) for digit in record["images"].values()] == [10] * 4
     buckets = [f"{lo}-{hi - 1}" for lo, hi in digits.VSD_BUCKETS]

@@ -368,15 +368,17 @@ def test_docs_toy_tables_rebuild_from_the_records(tmp_path, capsys):
     rows = {cells[0]: cells[1:] for cells in ([c.replace("*", "") for c in line[2:-2].split(" | ")]
                                              for line in section.splitlines() if line.startswith(("| places", "| details")))}
     assert rows["places, seed 0"][:3] == [pb(places[0]["teacher"]), pb(places[0]["scores"]), pb(places[1]["scores"])]
-    fits = {}  # the regression baselines on the details toy's rebuilt teachers, by adapter
+    fits = {}  # the regression baselines on the details toy's rebuilt teachers, by lr schedule and adapter
     for path in (glob.glob(os.path.join(records, "toy-details0.55-seed*", "ceiling-*.json"))
                  + glob.glob(os.path.join(records, "samples1024", "toy-details0.55-seed*", "ceiling-*.json"))):
-        fits.setdefault(re.search(r"-adapter([a-z]+)-", path).group(1), []).append(read(path)["scores"]["precision"])
-    lorad = fits.pop("lorad")
+        key = (path.endswith("-annealed.json"), re.search(r"-adapter([a-z]+)-", path).group(1))
+        fits.setdefault(key, []).append(read(path)["scores"]["precision"])
+    span = lambda v: f"{min(v):.2f}" + ("" if f"{min(v):.2f}" == f"{max(v):.2f}" else f"-{max(v):.2f}")
+    adapters = (("lorad", "LoRaD"), ("lora", "LoRA"), ("dora", "DoRA"), ("full", "full"))
+    baselines = "; annealed: ".join(", ".join(f"{name} {span(fits[(annealed, a)])}" for a, name in adapters)
+                                    for annealed in (False, True))
     assert rows["details, seed 0; seed 1"] == ["; ".join(pb(r["teacher"]) for r in recipe), "; ".join(pb(r["scores"]) for r in alone),
-                                               "; ".join(pb(r["scores"]) for r in recipe),
-                                               f"LoRaD {min(lorad):.2f}-{max(lorad):.2f}, " + ", ".join(
-                                                   f"{name} {fits[a][0]:.2f}" for a, name in (("lora", "LoRA"), ("dora", "DoRA"), ("full", "full")))]
+                                               "; ".join(pb(r["scores"]) for r in recipe), baselines]
 
 
 def test_toy_ceiling_goes_to_the_runs_that_share_it(tmp_path):
