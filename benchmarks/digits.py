@@ -329,8 +329,8 @@ def digit_picture(path, images, scale=5, gap=2):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="bench.py digits", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="the teacher's and the student's seed (the split is fixed)")
-    p.add_argument("--out", help="the runs' outputs (default: bench-out/digits, or bench-out/digits-seedN; then the "
-                   "bench flags changed from their defaults, as in the record's name)")
+    p.add_argument("--out", help="the runs' outputs (default: bench-out/digits, or bench-out/digits-seedN, then any "
+                   "changed --teacher_ flag, as in the record's name: one teacher per folder)")
     p.add_argument("--teacher_steps", type=int, default=3000, help="at batch 64 (~13 minutes on 2 cores)")
     p.add_argument("--teacher_lr", type=float, default=2e-3, help="AdamW, decayed linearly to 0")
     p.add_argument("--steps", type=int, default=1600, help="wadi.py steps")
