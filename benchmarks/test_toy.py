@@ -121,7 +121,7 @@ def test_toy_teacher_lr(tmp_path):
     assert moved.median().item() == pytest.approx(2e-3, rel=0.03)  # most weights: exactly one lr
 
 
-@pytest.mark.parametrize("flags", [["--teacher_lr", "nan"], ["--steps", "0"], ["--ceiling_targets", "0"]])
+@pytest.mark.parametrize("flags", [["--teacher_lr", "nan"], ["--steps", "0"], ["--baseline_targets", "0"]])
 def test_toy_bad_flags(tmp_path, flags, capsys):
     """bench.py toy stops on a bad flag with sys.exit's one line (exit status 1), before it writes anything."""
     with pytest.raises(SystemExit) as e:
@@ -172,8 +172,8 @@ def test_toy_scores_a_checkpoint_by_its_ema(full_run, tiny, tmp_path):
     assert (halved - scored).abs().max() > 100 * tol
 
 
-def test_toy_ceiling_fits_the_teachers_samples(tiny, tmp_path):
-    """The regression ceiling bench.py toy prints beside the VSD student: wadi.py's student, from wadi.setup on a
+def test_toy_baseline_fits_the_teachers_samples(tiny, tmp_path):
+    """The regression baseline bench.py toy prints beside the VSD student: wadi.py's student, from wadi.setup on a
     command line, starts as the teacher (its MSE to the 25-step targets is the stock pipeline's one-step sample's,
     from the same noise: the pairing of noise and target is right), and fitting lowers that MSE."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -182,18 +182,18 @@ def test_toy_ceiling_fits_the_teachers_samples(tiny, tmp_path):
     prompts.write_text("\n".join(toy_problem.TOY_PROMPTS) + "\n")
     argv = ["--pretrained_model_name_or_path", tiny, "--prompts", str(prompts), "--output_dir", str(tmp_path / "out"),
             "--max_train_steps", "30", "--train_batch_size", "8", "--student_rank", "4", "--learning_rate", "1e-2"]
-    student, before, after = toy.toy_ceiling(pipe, argv, n=4)
+    student, before, after = toy.toy_baseline(pipe, argv, n=4)
     target = toy_problem.toy_samples(pipe, 25, 1.5, 4, 2000)  # pipe has the DDIM scheduler and the teacher's UNet still
     pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
     teacher_one_step = toy_problem.toy_samples(pipe, 1, 0, 4, 2000)
     assert before == pytest.approx(torch.nn.functional.mse_loss(teacher_one_step, target).item(), rel=1e-4)
     assert after < 0.9 * before
-    assert not (tmp_path / "out").exists()  # the ceiling writes nothing
+    assert not (tmp_path / "out").exists()  # the baseline writes nothing
 
 
-def test_toy_ceiling_anneals_only_when_asked(tiny, tmp_path, monkeypatch):
+def test_toy_baseline_anneals_only_when_asked(tiny, tmp_path, monkeypatch):
     """The regression baseline runs at the student's lr held constant (as its records were made), whatever the
-    student's --lr_schedule; with anneal=True (bench.py toy --ceiling_anneal) it follows --lr_schedule linear as
+    student's --lr_schedule; with anneal=True (bench.py toy --baseline_anneal) it follows --lr_schedule linear as
     wadi.train_step sets it for the student: lr (1 - step / steps) at each update."""
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(tiny, low_cpu_mem_usage=False)
@@ -206,7 +206,7 @@ def test_toy_ceiling_anneals_only_when_asked(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(wadi, "update", lambda loss, params, opt, *a: seen.append(opt.param_groups[0]["lr"]) or update(loss, params, opt, *a))
     for anneal, lrs in ((False, [1e-2] * 4), (True, [1e-2, 7.5e-3, 5e-3, 2.5e-3])):
         seen.clear()
-        toy.toy_ceiling(pipe, argv, n=1, anneal=anneal)
+        toy.toy_baseline(pipe, argv, n=1, anneal=anneal)
         assert seen == pytest.approx(lrs)
 
 
@@ -244,8 +244,8 @@ def test_toy_table_rebuilds_from_the_records(tmp_path, capsys):
                   Conv2d=dict(layers=2, nm=0.0, dm=0.0, ratio=math.nan, angle=0.0, top30=math.nan))
     teacher = dict(scores(1.0), balance=[1.0, 0.4])
     for name, p in (("exact-attention-1000", 0.19), ("exact-attention-1000-adapterlora", 0.12)):
-        ceiling = scores(0.25 if name == "exact-attention-1000" else math.nan)  # --no_ceiling: not fitted
-        record = dict(cmd=[], minutes=20.0, scores=scores(p), ceiling=ceiling, teacher=teacher, steps=1000,
+        fit = scores(0.25 if name == "exact-attention-1000" else math.nan)  # --no_baseline: not fitted
+        record = dict(cmd=[], minutes=20.0, scores=scores(p), baseline=fit, teacher=teacher, steps=1000,
                       curve={"0": dict(precision=0.0, balance=0.0), "1000": dict(precision=p, balance=0.5)},
                       change=change, params=74000, teacher_sha="0123abcd")
         (tmp_path / f"wadi-{name}.json").write_text(json.dumps(record))
@@ -259,9 +259,9 @@ def test_toy_table_rebuilds_from_the_records(tmp_path, capsys):
     toy_table.toy_table(str(tmp_path), [".*-adapterlora"], str(tmp_path / "plot" / "table.png"))
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| exact")] == rows[:1]
     assert (tmp_path / "plot" / "table.png").stat().st_size > 0
-    # a run on a retrained teacher (other last bits), and a ceiling fitted on the first one, are told apart
+    # a run on a retrained teacher (other last bits), and a baseline fitted on the first one, are told apart
     record = json.loads((tmp_path / "wadi-exact-attention-1000.json").read_text())
-    record.update(teacher_sha="4567ef01", teacher=scores(0.99), ceiling=dict(scores(0.25), teacher_sha="0123abcd"))
+    record.update(teacher_sha="4567ef01", teacher=scores(0.99), baseline=dict(scores(0.25), teacher_sha="0123abcd"))
     (tmp_path / "wadi-exact-attention-1000-seed1.json").write_text(json.dumps(record))
     toy_table.toy_table(str(tmp_path), ["exact-attention-1000.*"], str(tmp_path / "plot" / "table.png"))
     printed = capsys.readouterr().out
@@ -285,7 +285,7 @@ def test_toy_scored_record_is_not_rerun(tmp_path, monkeypatch, capsys):
     assert not record.exists()  # a run that did not finish leaves no record
     s = dict(precision=0.3, coverage=1.0, adherence=1.0, fd=2.0, balance=[0.5])
     change = dict(nm=0.1, dm=0.2, angle=1.0, top30=0.9)
-    record.write_text(json.dumps(dict(cmd=["wadi.py", *seen[0][2:]], minutes=1.0, scores=s, ceiling=s, teacher=s,
+    record.write_text(json.dumps(dict(cmd=["wadi.py", *seen[0][2:]], minutes=1.0, scores=s, baseline=s, teacher=s,
                                       steps=10, curve={"10": dict(precision=0.3)}, change=dict(Linear=change, Conv2d=change), params=1)))
     shutil.rmtree(tmp_path / "o")
     monkeypatch.setattr(toy, "train_toy_teacher", lambda *a, **k: pytest.fail("trained a teacher"))
@@ -300,7 +300,7 @@ def test_toy_runs_end_to_end(tmp_path, capsys, monkeypatch):
     then --table rebuilds the run's row from that record alone."""
     (recipe,) = set(re.findall(r"`-- (--learning_rate [^`]*)`", " ".join(doc_text("README.md").split())))
     flags = ["--toy_modes", "details", "--toy_unet", "tiny", "--teacher_steps", "2", "--steps", "2", "--samples", "3",
-             "--no_ceiling", "--out", str(tmp_path / "o"), "--records", str(tmp_path / "r")]
+             "--no_baseline", "--out", str(tmp_path / "o"), "--records", str(tmp_path / "r")]
     make_pairs = toy.make_pairs  # one pair per prompt of its 1024, for time
     monkeypatch.setattr(toy, "make_pairs", lambda teacher, prompts, z, path: make_pairs(teacher, prompts[::256], z[::256], path))
     toy.main([*flags, "--", *recipe.split()])
@@ -369,8 +369,8 @@ def test_docs_toy_tables_rebuild_from_the_records(tmp_path, capsys):
                                              for line in section.splitlines() if line.startswith(("| places", "| details")))}
     assert rows["places, seed 0"][:3] == [pb(places[0]["teacher"]), pb(places[0]["scores"]), pb(places[1]["scores"])]
     fits = {}  # the regression baselines on the details toy's rebuilt teachers, by lr schedule and adapter
-    for path in (glob.glob(os.path.join(records, "toy-details0.55-seed*", "ceiling-*.json"))
-                 + glob.glob(os.path.join(records, "samples1024", "toy-details0.55-seed*", "ceiling-*.json"))):
+    for path in (glob.glob(os.path.join(records, "toy-details0.55-seed*", "baseline-*.json"))
+                 + glob.glob(os.path.join(records, "samples1024", "toy-details0.55-seed*", "baseline-*.json"))):
         key = (path.endswith("-annealed.json"), re.search(r"-adapter([a-z]+)-", path).group(1))
         fits.setdefault(key, []).append(read(path)["scores"]["precision"])
     span = lambda v: f"{min(v):.2f}" + ("" if f"{min(v):.2f}" == f"{max(v):.2f}" else f"-{max(v):.2f}")
@@ -381,8 +381,8 @@ def test_docs_toy_tables_rebuild_from_the_records(tmp_path, capsys):
                                                "; ".join(pb(r["scores"]) for r in recipe), baselines]
 
 
-def test_toy_ceiling_goes_to_the_runs_that_share_it(tmp_path):
-    """bench.py toy --ceiling_only fits a ceiling after the runs (made with --no_ceiling): it goes into the records
+def test_toy_baseline_goes_to_the_runs_that_share_it(tmp_path):
+    """bench.py toy --baseline_only fits a baseline after the runs (made with --no_baseline): it goes into the records
     of the runs on the same teacher whose student flags are its own, whatever their fake or loss flags, and no other;
     a record whose command has a flag wadi.py no longer takes (history) shares none, and stops nothing."""
     argv = lambda teacher, *flags: ["wadi.py", "--pretrained_model_name_or_path", teacher, "--prompts", "p.txt",
@@ -391,9 +391,9 @@ def test_toy_ceiling_goes_to_the_runs_that_share_it(tmp_path):
             "other-teacher": argv("u"), "other-rank": argv("t", "--student_rank", "8"),
             "removed-flag": argv("t", "--fresh_fake_samples")}  # a record of a flag wadi.py no longer has
     for name, cmd in runs.items():
-        (tmp_path / f"wadi-{name}.json").write_text(json.dumps(dict(cmd=cmd, scores={}, ceiling=dict(precision=math.nan))))
+        (tmp_path / f"wadi-{name}.json").write_text(json.dumps(dict(cmd=cmd, scores={}, baseline=dict(precision=math.nan))))
     (tmp_path / "wadi-unscored.json").write_text(json.dumps(dict(cmd=argv("t"), minutes=1.0)))
-    toy.share_ceiling(str(tmp_path), "t", toy.ceiling_key(argv("t")[1:]), dict(precision=0.4))
-    got = {p.name[5:-5]: json.loads(p.read_text()).get("ceiling") for p in tmp_path.glob("wadi-*.json")}
+    toy.share_baseline(str(tmp_path), "t", toy.baseline_key(argv("t")[1:]), dict(precision=0.4))
+    got = {p.name[5:-5]: json.loads(p.read_text()).get("baseline") for p in tmp_path.glob("wadi-*.json")}
     assert {k for k, v in got.items() if v == dict(precision=0.4)} == {"same", "fake-only"}
     assert got["unscored"] is None and math.isnan(got["other-lr"]["precision"]) and math.isnan(got["removed-flag"]["precision"])

@@ -1,12 +1,12 @@
 """Does wadi.py turn a multi-step teacher into a one-step generator? A toy with a known answer.
 
     python bench.py toy [--seed 1] [--toy_unet tiny] [-- more wadi.py flags]
-    python bench.py toy --ceiling_only --steps 4000 -- --learning_rate 3e-3   # the regression baseline alone
+    python bench.py toy --baseline_only --steps 4000 -- --learning_rate 3e-3   # the regression baseline alone
     python bench.py toy --toy_modes details --table 'exact-attention-2000-.*'  # a table from the records, no run
 
 A conditional distribution whose modes are known exactly, a small teacher trained on it (cached), wadi.py's own
 command line, and scores in latent space against the known modes and the 25-step teacher, beside a regression
-baseline (the student fitted straight to the teacher's 25-step samples, at a constant lr unless --ceiling_anneal).
+baseline (the student fitted straight to the teacher's 25-step samples, at a constant lr unless --baseline_anneal).
 """
 import argparse
 import contextlib
@@ -93,7 +93,7 @@ TOY_RECIPE = ["--train_batch_size", "16", "--student_rank", "16", "--fake_rank",
 # -- --learning_rate 3e-3 --student_rank 64 --regression_weight 1 --fake_updates 3 on the details toy (docs/details.md).
 
 
-def toy_ceiling(pipe, wadi_argv, n=384, anneal=False):
+def toy_baseline(pipe, wadi_argv, n=384, anneal=False):
     """A regression baseline (constant lr): wadi.py's own student (wadi.setup on the distillation's command line: the
     same adapter, rank, initial angles, AdamW, clipping, batch and steps) fitted straight onto the teacher's 25-step
     samples (DDIM, the recipe's CFG) from the same noise, instead of by VSD, and read at its last step. The fit runs
@@ -121,9 +121,9 @@ def toy_ceiling(pipe, wadi_argv, n=384, anneal=False):
         return run.student.eval(), before, fit(slice(None)).item()
 
 
-def ceiling_key(wadi_argv):
+def baseline_key(wadi_argv):
     """What the regression baseline depends on: the student's flags alone, so runs that change only the fake or the
-    loss share it (the key names the student's lr_schedule; the fit follows it only with --ceiling_anneal). None for a
+    loss share it (the key names the student's lr_schedule; the fit follows it only with --baseline_anneal). None for a
     recorded command that wadi.py no longer takes (a flag since removed): that record shares no baseline."""
     try:
         a = wadi.parse_args(wadi_argv)
@@ -133,15 +133,15 @@ def ceiling_key(wadi_argv):
                                             "max_train_steps", "guidance_scale", "seed")]
 
 
-def share_ceiling(records, teacher, key, scores):
-    """A regression baseline fitted after the runs it belongs to (--no_ceiling, then --ceiling_only) goes into their
-    records (under the key "ceiling")."""
+def share_baseline(records, teacher, key, scores):
+    """A regression baseline fitted after the runs it belongs to (--no_baseline, then --baseline_only) goes into their
+    records (under the key "baseline")."""
     for path in glob.glob(os.path.join(records, "wadi-*.json")):
         with open(path) as f:
             record = json.load(f)
-        if "scores" in record and record["cmd"][2] == teacher and ceiling_key(record["cmd"][1:]) == key:
+        if "scores" in record and record["cmd"][2] == teacher and baseline_key(record["cmd"][1:]) == key:
             with open(path, "w") as f:
-                json.dump(dict(record, ceiling=scores), f)
+                json.dump(dict(record, baseline=scores), f)
 
 
 TOY_BUCKETS = [(20, 200), (200, 500), (500, 800), (800, 981)]
@@ -188,7 +188,7 @@ def toy_diagnostics(teacher, ckpt, modes, guidance, previous=None):
 def bench_toy(args):
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from safetensors.torch import load_file
-    for name in ("teacher_steps", "steps", "samples", "ceiling_targets"):
+    for name in ("teacher_steps", "steps", "samples", "baseline_targets"):
         if getattr(args, name) < 1:
             sys.exit(f"bench.py toy: --{name} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.teacher_lr < math.inf:
@@ -230,7 +230,7 @@ def bench_toy(args):
                 record = json.load(f)
             return record if record["cmd"] == made_by else None
     done = os.path.join(records, os.path.basename(student) + ".json")  # rerun only what changed
-    if not args.ceiling_only and "scores" in (cached(done) or {}):  # scored before: its record says it all
+    if not args.baseline_only and "scores" in (cached(done) or {}):  # scored before: its record says it all
         return toy_table(records, [re.escape(os.path.basename(student)[len("wadi-"):])], student + "-curve.png")
     if not os.path.isdir(teacher):  # trained once, then cached
         t0 = time.time()
@@ -241,7 +241,7 @@ def bench_toy(args):
         print(f"teacher trained in {(time.time() - t0) / 60:.1f} min")
     if pairs in flags and not os.path.exists(pairs):
         make_pairs(teacher, [p for p in TOY_PROMPTS for _ in range(256)], toy_noise(256, 3000).flatten(0, 1), pairs)
-    if not args.ceiling_only and not (cached(done) and os.path.isdir(student)):
+    if not args.baseline_only and not (cached(done) and os.path.isdir(student)):
         print(" ".join(shown))
         shutil.rmtree(student, ignore_errors=True)
         t0 = time.time()
@@ -257,26 +257,26 @@ def bench_toy(args):
     pipe.scheduler = DDIMScheduler.from_config(config)
     rows["teacher, 25 DDIM steps, no CFG"] = toy_scores(toy_samples(pipe, 25, 1.0, n), modes)
     rows["teacher, 25 DDIM steps, CFG 1.5"] = toy_scores(teacher_x0 := toy_samples(pipe, 25, 1.5, n), modes)
-    # a baseline fitted to other than the default targets, or annealed, is its own, and shared with no run (share_ceiling)
-    key = (ceiling_key(cmd[2:]) + ([] if args.ceiling_targets == 384 else [f"targets{args.ceiling_targets}"])
-           + (["annealed"] if args.ceiling_anneal else []))
-    ceiling = os.path.join(records, f"ceiling-{tag}-{'-'.join(key)}.json")
-    if not cached(ceiling, key) and (args.ceiling or args.ceiling_only):
+    # a baseline fitted to other than the default targets, or annealed, is its own, and shared with no run (share_baseline)
+    key = (baseline_key(cmd[2:]) + ([] if args.baseline_targets == 384 else [f"targets{args.baseline_targets}"])
+           + (["annealed"] if args.baseline_anneal else []))
+    fitted = os.path.join(records, f"baseline-{tag}-{'-'.join(key)}.json")
+    if not cached(fitted, key) and (args.baseline or args.baseline_only):
         t0 = time.time()
-        pipe.unet, before, after = toy_ceiling(pipe, [*cmd[2:], "--output_dir", os.path.join(out, "unused")],
-                                                args.ceiling_targets, args.ceiling_anneal)
+        pipe.unet, before, after = toy_baseline(pipe, [*cmd[2:], "--output_dir", os.path.join(out, "unused")],
+                                                args.baseline_targets, args.baseline_anneal)
         pipe.scheduler = one_step
         x = toy_samples(pipe, 1, 0, n)  # the scores' noise, not the fit's: its MSE to the 25-step samples is held out
         json.dump(dict(cmd=key, minutes=(time.time() - t0) / 60, samples=n, mse=[before, after, F.mse_loss(x, teacher_x0).item()],
-                       scores=dict(toy_scores(x, modes), teacher_sha=weights_sha(teacher))), open(ceiling, "w"))
-        share_ceiling(records, teacher, key, cached(ceiling, key)["scores"])
-    fit = cached(ceiling, key) or dict(scores=dict(precision=math.nan, coverage=math.nan, adherence=math.nan))
+                       scores=dict(toy_scores(x, modes), teacher_sha=weights_sha(teacher))), open(fitted, "w"))
+        share_baseline(records, teacher, key, cached(fitted, key)["scores"])
+    fit = cached(fitted, key) or dict(scores=dict(precision=math.nan, coverage=math.nan, adherence=math.nan))
     if "mse" in fit:
-        baseline = f"regression baseline ({'annealed' if args.ceiling_anneal else 'constant lr'})"
+        baseline = f"regression baseline ({'annealed' if args.baseline_anneal else 'constant lr'})"
         print(f"{baseline}: the student fitted to 25-step samples, MSE {fit['mse'][0]:.3f} -> {fit['mse'][1]:.3f}"
               + (f" (on held-out noise: {fit['mse'][2]:.3f})" if len(fit["mse"]) > 2 else ""))
         rows[f"{baseline}, the student fitted to the 25-step samples ({S} steps, {fit['minutes']:.1f} min)"] = fit["scores"]
-    if not args.ceiling_only:
+    if not args.baseline_only:
         exported = StableDiffusionPipeline.from_pretrained(os.path.join(student, "pipeline"), low_cpu_mem_usage=False)
         rows[f"wadi student, 1 step ({S} steps, {cached(done)['minutes']:.1f} min)"] = toy_scores(toy_samples(exported, 1, 0, n), modes)
     centers = modes.flatten(2)
@@ -291,7 +291,7 @@ def bench_toy(args):
         print(f"| {name} | {s['precision']:.2f} | {s['coverage']:.2f} | {s['adherence']:.2f} | {s['dist']:.2f} "
               f"| {s['off']:.2f} | {s['fd']:.1f} | {' '.join(f'{b:.2f}' for b in s['balance'])} "
               f"| {' '.join(str(c) for c in s['counts'])} |")
-    if args.ceiling_only:
+    if args.baseline_only:
         return
     goal = rows["teacher, 25 DDIM steps, CFG 1.5"]
     student_row = list(rows.values())[-1]
@@ -317,7 +317,7 @@ def bench_toy(args):
     teacher_unet, final = (UNet2DConditionModel.from_pretrained(p, subfolder="unet", low_cpu_mem_usage=False)
                            for p in (teacher, os.path.join(student, "pipeline")))
     (trained,) = glob.glob(os.path.join(student, "student_*.safetensors"))
-    record = dict(cached(done), samples=n, scores=student_row, ceiling=fit["scores"], teacher=goal, steps=S,
+    record = dict(cached(done), samples=n, scores=student_row, baseline=fit["scores"], teacher=goal, steps=S,
                   curve={step: dict(precision=c["precision"], balance=min(c["balance"]), counts=c["counts"],
                                     fake_counts=fake_counts.get(step)) for step, c in curve.items()},
                   change=direction_vs_norm(teacher_unet, final),
@@ -368,13 +368,13 @@ def main(argv=None):
     p.add_argument("--out", default="bench-out", help="the runs' outputs: teachers, checkpoints, pipelines")
     p.add_argument("--records", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "records"),
                    help="the runs' records (commands, scores, curves) that --table reads")
-    p.add_argument("--no_ceiling", dest="ceiling", action="store_false",
+    p.add_argument("--no_baseline", dest="baseline", action="store_false",
                    help="skip the regression baseline unless cached (it costs ~9 CPU-minutes per 1000 steps)")
-    p.add_argument("--ceiling_only", action="store_true",
+    p.add_argument("--baseline_only", action="store_true",
                    help="no distillation: fit and score the regression baseline of these steps and student flags alone")
-    p.add_argument("--ceiling_targets", type=int, default=384,
+    p.add_argument("--baseline_targets", type=int, default=384,
                    help="per prompt, the 25-step samples the regression baseline is fitted to (~4 CPU-minutes per 384 to sample)")
-    p.add_argument("--ceiling_anneal", action="store_true",
+    p.add_argument("--baseline_anneal", action="store_true",
                    help="fit the regression baseline at the student's --lr_schedule (linear: annealed to 0, as the "
                         "student is), not a constant lr; its record is its own (its name ends in '-annealed')")
     p.add_argument("--table", nargs="*", help="no run: the table and plot of this toy's cached runs whose names "

@@ -1,6 +1,6 @@
 """The toy's records as tables: bench.py toy --table, and the weight change it reports (the paper's Fig. 1 and
-Table 2 columns) between the teacher and a distilled student. A record's "ceiling" is its regression baseline: the
-student fitted straight to the teacher's 25-step samples at a constant lr (benchmarks/toy.py, toy_ceiling)."""
+Table 2 columns) between the teacher and a distilled student. A record's "baseline" is its regression baseline: the
+student fitted straight to the teacher's 25-step samples at a constant lr (benchmarks/toy.py, toy_baseline)."""
 import glob
 import hashlib
 import json
@@ -82,9 +82,9 @@ def standard_errors(record):
 
 
 def baselines_table(records):
-    """The regression baselines recorded in `records` (ceiling-*.json: the student fitted straight to the teacher's
+    """The regression baselines recorded in `records` (baseline-*.json: the student fitted straight to the teacher's
     25-step samples, constant lr unless the name ends in -annealed), one row each, with their standard errors."""
-    paths = sorted(glob.glob(os.path.join(records, "ceiling-*.json")))
+    paths = sorted(glob.glob(os.path.join(records, "baseline-*.json")))
     if not paths:
         return
     print("\nregression baselines (the student fitted to the teacher's 25-step samples; constant lr, last iterate, unless "
@@ -97,7 +97,7 @@ def baselines_table(records):
             r = json.load(f)
         s, (se_p, se_b) = r["scores"], standard_errors(r)
         # the file name less the teacher's tag and the student's lr_schedule (the fit's own: '-annealed' or not)
-        name = re.sub(r"-lr_schedule[a-z]+", "", os.path.basename(path)[len("ceiling-"):-len(".json")].split("-", 2)[2])
+        name = re.sub(r"-lr_schedule[a-z]+", "", os.path.basename(path)[len("baseline-"):-len(".json")].split("-", 2)[2])
         print(f"| {name} | {s.get('teacher_sha', '-')[:4]} "
               f"| {samples_per_prompt(r)} | {r['minutes']:.0f} | {s['precision']:.3f} | {se_p:.3f} | {s['coverage']:.2f} "
               f"| {min(s['balance']):.2f} | {se_b:.2f} | {s['fd']:.1f} | {' / '.join(f'{m:.3f}' for m in r.get('mse', []))} |")
@@ -131,7 +131,7 @@ def toy_table(records, match, plot):
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     others = set()
     for name, r in runs.items():
-        s, c, lin, conv = r["scores"], r["ceiling"], r["change"]["Linear"], r["change"]["Conv2d"]
+        s, c, lin, conv = r["scores"], r["baseline"], r["change"]["Linear"], r["change"]["Conv2d"]
         sha = r.get("teacher_sha", "-")
         other = "*" if c.get("teacher_sha", sha) != sha else ""  # a baseline fitted on another build of the teacher
         se_p, se_b = standard_errors(r)
