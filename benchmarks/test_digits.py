@@ -104,8 +104,8 @@ def test_digits_end_to_end(tmp_path, capsys, monkeypatch):
     images = pipe(DIGIT_PROMPTS[:3], num_inference_steps=2, output_type="np").images
     assert images.shape == (3, 8, 8, 3) and images.min() >= 0 and images.max() <= 1
     assert np.allclose(images[..., 0], images[..., 2])  # gray: the pixel VAE's three equal channels
-    record = json.load(open(os.path.join(records, "digits-seed0-teacher_steps2-steps2-samples4-pairs1-adapterfull-learning_rate1e-4-regression_weight1.json")))
-    student = os.path.join(out, "student-adapterfull-learning_rate1e-4-regression_weight1")
+    record = json.load(open(os.path.join(records, "digits-seed0-teacher_steps2-steps2-samples4-pairs1-adapterfull-learning_rate1e-4-regression_weight1-fake_updates2.json")))
+    student = os.path.join(out, "student-adapterfull-learning_rate1e-4-regression_weight1-fake_updates2")
     assert os.path.isdir(os.path.join(student, "pipeline"))
     assert " ".join(digits.DIGIT_RECIPE + digits.REAL_IMAGES) in " ".join(record["student"]["cmd"])
     assert list(record["rows"]) == list(digits.ROWS) and sorted(record["curve"], key=int) == ["0", "1", "2"]
