@@ -7,8 +7,8 @@
     python bench.py digits --seed 1           # a second seed: bench-out/digits-seed1
     python bench.py digits --table            # the tables, assets/digits.png and its curve from the records, no run
     python bench.py digits -- --fake_rank 16  # flags after -- go to wadi.py
-    python bench.py digits --baseline -- --student_rank 64   # the regression baseline of those flags (~4 CPU-minutes)
-    python bench.py digits --teacher_steps 4000 --steps 2000  # another setting: its own --out and record
+    python bench.py digits --baseline -- --student_rank 64   # the regression baseline of those flags (a few CPU-minutes)
+    python bench.py digits --teacher_steps 4000 --steps 2000  # another setting: its own --out, student and record
 
 A text-to-image teacher trained on the real digits (benchmarks/digits_problem.py), distilled by wadi.py's own
 command line into a one-step student, both sampled through stock diffusers pipelines and scored against the
@@ -43,7 +43,8 @@ DIGIT_RECIPE = ["--train_batch_size", "16", "--student_rank", "16", "--fake_rank
 REAL_IMAGES = ["--adapter", "full", "--learning_rate", "1e-4", "--regression_weight", "1", "--fake_updates", "2"]
 # What the digits need beyond it (docs/digits.md): a student that can fit the one-step map (full fine-tuning; its lr
 # the toy's), and DMD's regression, which cuts the background noise that VSD leaves; 2 fake updates per step instead
-# of 5 buy the steps (--steps) that take the rest of that noise, within ~25 CPU-minutes. The picture shows this student.
+# of 5 (given after the base's 5: argparse keeps the last) buy more steps (--steps), which lower that noise further,
+# within ~25 CPU-minutes. The picture shows this student.
 GUIDANCE = 1.5
 ROWS = ("real training split", "teacher, 25 steps", "teacher, 1 step", "student, 1 step")
 BASELINE = "regression baseline, 1 step"  # the last row of a --baseline record, in the student's place
@@ -101,14 +102,14 @@ def cached_part(path, shown, make, cpu_seconds):
             os.remove(made)  # a kill during make() leaves no record of an older, same command
         t0, cpu0 = time.time(), cpu_seconds()
         make()
-        json.dump(dict(cmd=shown, minutes=(time.time() - t0) / 60, cpu_minutes=(cpu_seconds() - cpu0) / 60),
-                  open(made, "w"))
+        json.dump(dict(cmd=shown, minutes=(time.time() - t0) / 60, cpu_minutes=(cpu_seconds() - cpu0) / 60,
+                       threads=torch.get_num_threads()), open(made, "w"))  # a child's too: it reads the same env
     return path, json.load(open(made))
 
 
 def student_part(out, args, teacher):
     """DIR/student: wadi.py's own command line on the teacher; rerun only when the command changed."""
-    path = os.path.join(out, "student" + variant(args))
+    path = os.path.join(out, "student" + run_name(args))
     cmd = student_cmd(out, args, teacher, path)
     shown = ["wadi.py", *cmd[2:]]  # as a record keeps it: the same from any checkout
 
@@ -124,7 +125,7 @@ def baseline_part(out, args, teacher):
     angles, AdamW, clipping, batch, steps, lr annealed alike) fitted by DMD's regression alone onto the pairs, no
     VSD: the teacher's one-step map shown to the student directly, pair by pair. A lower bound on what this adapter,
     rank, lr and budget make of the map, not a bound on the map."""
-    path = os.path.join(out, "baseline" + variant(args))
+    path = os.path.join(out, "baseline" + run_name(args))
     weight = [] if "--regression_weight" in args.wadi_args else ["--regression_weight", "1"]
     cmd = student_cmd(out, argparse.Namespace(**{**vars(args), "wadi_args": [*args.wadi_args, *weight]}), teacher, path)
     if wadi.parse_args(cmd[2:]).ema_decay:
@@ -143,6 +144,12 @@ def variant(args):
     """The wadi.py flags beyond the recipe's, as a name: each variant's student and record of its own (a path by its
     file name)."""
     return "".join("-" + a[2:] if a.startswith("--") else os.path.basename(a) for a in args.wadi_args)
+
+
+def run_name(args):
+    """A student's folder in --out (which names the teacher): the changed --steps and --pairs, then variant(): another
+    setting never overwrites a student made before."""
+    return "".join(c for c in getattr(args, "changed", []) if c.startswith(("-steps", "-pairs"))) + variant(args)
 
 
 def children_cpu():
@@ -249,7 +256,8 @@ def digits_table(records, assets):
               f"threads {r['teacher']['threads']}"
               + (f", {r['teacher']['cpu_minutes']:.1f} CPU-min), " if "cpu_minutes" in r["teacher"] else "), ")
               + f"{list(r['rows'])[-1].split(',')[0]} {r['student']['minutes']:.0f} min"
-              + (f" ({r['student']['cpu_minutes']:.1f} CPU-min)" if "cpu_minutes" in r["student"] else "")
+              + (f" ({r['student']['cpu_minutes']:.1f} CPU-min" if "cpu_minutes" in r["student"] else "")
+              + (f", threads {r['student']['threads']})" if "threads" in r["student"] else ")" if "cpu_minutes" in r["student"] else "")
               + (f", its pairs {r['pairs']['cpu_minutes']:.1f} CPU-min ({r['student']['cpu_minutes'] + r['pairs']['cpu_minutes']:.1f} "
                  "in all)" if "pairs" in r and "cpu_minutes" in r["student"] else "")
               + f": {' '.join(r['student']['cmd'][r['student']['cmd'].index('--seed'):])}")
@@ -296,13 +304,10 @@ def digits_table(records, assets):
     students = [path for path, r in loaded.items() if list(r["rows"])[-1] != BASELINE]
     if not students:
         return
-    real, plain = (os.path.join(records, f"digits-seed0{variant(argparse.Namespace(wadi_args=v))}.json")
-                   for v in (REAL_IMAGES, []))
-    shown = next((path for path in (real, plain) if path in students), students[0])  # seed 0
+    real = os.path.join(records, f"digits-seed0{variant(argparse.Namespace(wadi_args=REAL_IMAGES))}.json")
+    shown = real if real in students else students[0]  # seed 0, the digits recipe at the defaults
     r, name = loaded[shown], "full FT + regression" if shown == real else "student, 1 step"
     images = {(name if k == ROWS[3] else k): v for k, v in r["images"].items()}
-    if shown == real and plain in students:  # both students, from the same noise
-        images["LoRaD r16, VSD only"] = loaded[plain]["images"][ROWS[3]]
     os.makedirs(assets, exist_ok=True)
     digit_picture(os.path.join(assets, "digits.png"), images)
     steps = sorted(int(k) for k in r["curve"])

@@ -105,7 +105,7 @@ def test_digits_end_to_end(tmp_path, capsys, monkeypatch):
     assert images.shape == (3, 8, 8, 3) and images.min() >= 0 and images.max() <= 1
     assert np.allclose(images[..., 0], images[..., 2])  # gray: the pixel VAE's three equal channels
     record = json.load(open(os.path.join(records, "digits-seed0-teacher_steps2-steps2-samples4-pairs1-adapterfull-learning_rate1e-4-regression_weight1-fake_updates2.json")))
-    student = os.path.join(out, "student-adapterfull-learning_rate1e-4-regression_weight1-fake_updates2")
+    student = os.path.join(out, "student-steps2-pairs1-adapterfull-learning_rate1e-4-regression_weight1-fake_updates2")
     assert os.path.isdir(os.path.join(student, "pipeline"))
     assert " ".join(digits.DIGIT_RECIPE + digits.REAL_IMAGES) in " ".join(record["student"]["cmd"])
     assert list(record["rows"]) == list(digits.ROWS) and sorted(record["curve"], key=int) == ["0", "1", "2"]
@@ -136,13 +136,17 @@ def test_digits_end_to_end(tmp_path, capsys, monkeypatch):
     digits.main(["--baseline", *small])  # the pairs made above, reused
     record = json.load(open(os.path.join(records, "digits-seed0-baseline-teacher_steps2-steps2-samples4-pairs1.json")))
     assert list(record["rows"]) == [*digits.ROWS[:3], digits.BASELINE] and "--regression_weight" in record["student"]["cmd"]
-    fitted = load_file(os.path.join(out, "baseline", "student_lorad.safetensors"))
+    fitted = load_file(os.path.join(out, "baseline-steps2-pairs1", "student_lorad.safetensors"))
     assert all(v.abs().max() > 0 for k, v in fitted.items() if k.endswith("theta_a"))  # fitted: theta_a starts at 0
     assert "regression baseline / teacher at 25 steps" in capsys.readouterr().out and "background" not in record
     # another teacher recipe in the same folder: what the old teacher made goes with it
     monkeypatch.undo()  # train_digit_teacher back
     digits.teacher_part(out, argparse.Namespace(seed=0, teacher_steps=1, teacher_lr=2e-3), *digits.digit_split()[::2])
     assert sorted(os.listdir(out)) == ["prompts.txt", "teacher", "teacher.json"]
+    # deterministic: trained again from the same seed, the same teacher bit for bit (on one CPU build and thread count)
+    again = str(tmp_path / "again")
+    digits.teacher_part(again, argparse.Namespace(seed=0, teacher_steps=1, teacher_lr=2e-3), *digits.digit_split()[::2])
+    assert digits.weights_sha(os.path.join(again, "teacher")) == json.load(open(os.path.join(out, "teacher.json")))["sha"]
 
 
 def readme_lines():
