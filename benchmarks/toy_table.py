@@ -124,7 +124,7 @@ def toy_table(records, match, plot):
     teachers = {r.get("teacher_sha", "-"): r["teacher"] for r in runs.values()}  # "-": a record older than the sha
     print(f"{os.path.relpath(records)}: " + ("one teacher" if len(teachers) == 1 else "the runs' teachers differ") + "; "
           + "; ".join(f"sha256 {sha}: 25-step (CFG 1.5) precision {t['precision']:.3f}, balance {min(t['balance']):.3f}, "
-                      f"precise samples per mode {t.get('counts', '-')}" for sha, t in teachers.items()))
+                      + (f"FD {t['fd']:.1f}, " if "fd" in t else "") + f"precise samples per mode {t.get('counts', '-')}" for sha, t in teachers.items()))
     print("| run | teacher | trainable | steps | minutes | precision | coverage | adherence | balance (min) | / teacher's | FD to data "
           "| regression baseline (constant lr) precision | / baseline | NM % | DM % | DM/NM | angle % | angle/NM "
           "| top 30% of direction change | conv NM / DM / angle % | samples per prompt | precision SE | balance SE |")
