@@ -354,6 +354,16 @@ def test_docs_toy_tables_rebuild_from_the_records(tmp_path, capsys):
             assert cells["NM %"] == f"{lin['nm']:.3f}" and cells["DM % (1 - cos)"] == f"{lin['dm']:.3f}"
             seen.add((cells["adapter, lr"], seed))
     assert seen == {(adapter, seed) for adapter in runs for seed in "01"}  # every adapter on both seeds
+    # LoRaD's lr above the sweep's edge: each row is its record's
+    sweep = doc_text("docs/adapters.md").split("| LoRaD, 1000 steps, seed 0 (`4b72`)")[1].split("\n\n")[0]
+    rows = [[c.replace("*", "") for c in line[2:-2].split(" | ")] for line in sweep.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["3e-3", "1e-2", "3e-2"]
+    for lr, precision, coverage, balance, fd, dm, angle in rows:
+        r = read(os.path.join(records, "toy-details0.55-seed0", f"wadi-exact-attention-1000-learning_rate{lr}.json"))
+        s, lin = r["scores"], r["change"]["Linear"]
+        assert r["teacher_sha"].startswith("4b72") and precision == f"{s['precision']:.2f} ({toy_table.standard_errors(r)[0]:.3f})"
+        assert [coverage, balance, fd] == [f"{s['coverage']:.2f}", f"{min(s['balance']):.2f}", f"{s['fd']:.1f}"]
+        assert [dm, angle] == [f"{lin['dm']:.3f}", f"{lin['angle']:.2f}"]
     # the README's toy table
     pb = lambda s: f"{s['precision']:.2f} / {min(s['balance']):.2f}"
     record = lambda name: read(os.path.join(records, f"{name}.json"))
