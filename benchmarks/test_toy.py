@@ -371,7 +371,8 @@ def test_docs_toy_tables_rebuild_from_the_records(tmp_path, capsys):
               for flags in ("", "-student_rank64-regression_weight1-fake_updates3")]
     recipe = [record(f"samples1024/toy-details0.55-seed{seed}/wadi-exact-attention-2000-learning_rate3e-3-student_rank64"
                      "-regression_weight1-fake_updates3") for seed in (0, 1)]
-    alone = [record(f"teacher-rebuilt/toy-details0.55-seed{seed}/wadi-exact-attention-2000-learning_rate3e-3") for seed in (0, 1)]
+    alone = [record(f"{folder}/wadi-exact-attention-2000-learning_rate3e-3")
+             for folder in ("teacher-rebuilt/toy-details0.55-seed0", "toy-details0.55-seed1")]
     assert places[0]["teacher_sha"] == places[1]["teacher_sha"]
     assert [r["teacher_sha"] for r in alone] == [r["teacher_sha"] for r in recipe]  # each seed on one teacher build
     section = doc_text("README.md").split("## Does it distill?")[1].split("\n## ")[0]
