@@ -51,6 +51,18 @@ BASELINE = "regression baseline, 1 step"  # the last row of a --baseline record,
 SHOWN = 2  # samples per digit in the picture
 
 
+def write_json(path, obj):
+    """Atomically: a kill mid-write leaves the old file or none, never half of one."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+def cost(t0, cpu0, cpu_seconds=time.process_time):
+    """Wall and CPU minutes since (t0, cpu0), and the torch threads (a child process reads the same environment)."""
+    return dict(minutes=(time.time() - t0) / 60, cpu_minutes=(cpu_seconds() - cpu0) / 60, threads=torch.get_num_threads())
+
+
 def teacher_part(out, args, x_train, y_train):
     """DIR/teacher, trained once per recipe (DIR/teacher.json says which): a stock StableDiffusionPipeline folder."""
     path, recipe = os.path.join(out, "teacher"), dict(seed=args.seed, steps=args.teacher_steps, lr=args.teacher_lr)
@@ -64,8 +76,7 @@ def teacher_part(out, args, x_train, y_train):
         if old != path + ".tmp" and os.path.basename(old).startswith(("teacher", "student", "baseline", "regression")):
             (shutil.rmtree if os.path.isdir(old) else os.remove)(old)
     os.rename(path + ".tmp", path)
-    json.dump(dict(recipe, minutes=(time.time() - t0) / 60, cpu_minutes=(time.process_time() - cpu0) / 60,
-                   threads=torch.get_num_threads(), sha=weights_sha(path)), open(made, "w"))
+    write_json(made, dict(recipe, **cost(t0, cpu0), sha=weights_sha(path)))
     return path, json.load(open(made))
 
 
@@ -83,10 +94,7 @@ def student_cmd(out, args, teacher, path):
         if not (os.path.exists(flags[-1]) and os.path.exists(made)):
             t0, cpu0 = time.time(), time.process_time()
             make_pairs(teacher, [p for p in DIGIT_PROMPTS for _ in range(n)], digit_noise(n, 3000), flags[-1])
-            with open(made + ".tmp", "w") as f:
-                json.dump(dict(per_digit=n, minutes=(time.time() - t0) / 60, cpu_minutes=(time.process_time() - cpu0) / 60,
-                               threads=torch.get_num_threads()), f)
-            os.replace(made + ".tmp", made)
+            write_json(made, dict(per_digit=n, **cost(t0, cpu0)))
     return [sys.executable, os.path.abspath(wadi.__file__), "--pretrained_model_name_or_path", teacher, "--prompts",
             prompts, "--validation_prompts", *DIGIT_PROMPTS, "--output_dir", path, "--max_train_steps", str(S),
             "--checkpointing_steps", str(max(1, S // 10)), "--validation_steps", str(S), "--seed", str(args.seed),
@@ -102,8 +110,7 @@ def cached_part(path, shown, make, cpu_seconds):
             os.remove(made)  # a kill during make() leaves no record of an older, same command
         t0, cpu0 = time.time(), cpu_seconds()
         make()
-        json.dump(dict(cmd=shown, minutes=(time.time() - t0) / 60, cpu_minutes=(cpu_seconds() - cpu0) / 60,
-                       threads=torch.get_num_threads()), open(made, "w"))  # a child's too: it reads the same env
+        write_json(made, dict(cmd=shown, **cost(t0, cpu0, cpu_seconds)))
     return path, json.load(open(made))
 
 
@@ -208,8 +215,7 @@ def bench_digits(args):
                           **{name: shown(*samples[name]) for name in list(samples)[1:]}})
     os.makedirs(args.records, exist_ok=True)
     name = f"digits-seed{args.seed}{'-baseline' if args.baseline else ''}{''.join(args.changed)}{variant(args)}.json"
-    with open(os.path.join(args.records, name), "w") as f:
-        json.dump(record, f)
+    write_json(os.path.join(args.records, name), record)
     digits_table(args.records, args.assets)
 
 
