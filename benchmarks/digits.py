@@ -156,7 +156,7 @@ def variant(args):
 def run_name(args):
     """A student's folder in --out (which names the teacher): the changed --steps and --pairs, then variant(): another
     setting never overwrites a student made before."""
-    return "".join(c for c in getattr(args, "changed", []) if c.startswith(("-steps", "-pairs"))) + variant(args)
+    return "".join(c for c in args.changed if c.startswith(("-steps", "-pairs"))) + variant(args)
 
 
 def children_cpu():
@@ -255,15 +255,15 @@ def digits_table(records, assets):
         sys.exit(f"bench.py digits: no records in {records}: run python bench.py digits first")
     loaded = {path: json.load(open(path)) for path in found}
     for path, r in loaded.items():
-        n = r["samples_per_digit"]
+        n, st = r["samples_per_digit"], r["student"]
+        spent = [f"{st[k]:.1f} CPU-min" if k == "cpu_minutes" else f"threads {st[k]}" for k in ("cpu_minutes", "threads") if k in st]
         print(f"\n{os.path.basename(path)}, seed {r['seed']}: {10 * n} samples per generated row ({n} per digit), against the {r['heldout']} held-out "
               f"digits; the scorer's classifier is {r['classifier_accuracy']:.3f} accurate on them; "
               f"teacher {r['teacher']['sha'][:4]} ({r['teacher']['steps']} steps, {r['teacher']['minutes']:.1f} min, "
               f"threads {r['teacher']['threads']}"
               + (f", {r['teacher']['cpu_minutes']:.1f} CPU-min), " if "cpu_minutes" in r["teacher"] else "), ")
               + f"{list(r['rows'])[-1].split(',')[0]} {r['student']['minutes']:.0f} min"
-              + (f" ({r['student']['cpu_minutes']:.1f} CPU-min" if "cpu_minutes" in r["student"] else "")
-              + (f", threads {r['student']['threads']})" if "threads" in r["student"] else ")" if "cpu_minutes" in r["student"] else "")
+              + (f" ({', '.join(spent)})" if spent else "")
               + (f", its pairs {r['pairs']['cpu_minutes']:.1f} CPU-min ({r['student']['cpu_minutes'] + r['pairs']['cpu_minutes']:.1f} "
                  "in all)" if "pairs" in r and "cpu_minutes" in r["student"] else "")
               + f": {' '.join(r['student']['cmd'][r['student']['cmd'].index('--seed'):])}")
